@@ -1,0 +1,35 @@
+"""jaxnorm: scaling laws in learning curves against the spectral complexity norm.
+
+A JAX/Flax reproduction and extension of D'Amico, Bocchi, Negri (2025), "Implicit bias
+produces neural scaling laws in learning curves, from perceptrons to deep networks".
+
+Modules (imports flow one way, top to bottom):
+  layout     the linear operators of a model, as plain data
+  data       MNIST / Fashion-MNIST / CIFAR-10/100 loading and per-replica subsets
+  models     CNN (LeNet-5), ResNet and ViT in Flax, vmappable over replicas
+  norms      spectral complexity (Bartlett et al. 2017; paper Eq. 2)
+  engine     vmapped, sharded, checkpointed (P, seed) sweeps; results
+  analysis   the fits of Eq. 3-6 and Appendix D; plots; CLIs sweep and analyze
+  theory     replica theory of the fixed-norm perceptron (Sec. 2, App. A)
+  perceptron gradient descent on the teacher-student perceptron
+
+Submodules are imported on first use so that ``import jaxnorm`` stays cheap.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "layout", "data", "models", "norms", "engine", "results", "config",
+    "analysis", "plots", "theory", "perceptron",
+)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxnorm.{name}")
+    raise AttributeError(f"module 'jaxnorm' has no attribute {name!r}")
+
+
+__all__ = list(_SUBMODULES)
