@@ -1,0 +1,100 @@
+"""Command line: the scaling-law analysis of a sweep run directory.
+
+    python -m jaxnorm.analyze RUN_DIR [--out DIR] [--p-min P] [--n-boot N] [--no-figures]
+
+Writes into DIR (default RUN_DIR/analysis): table1.{md,csv} (Model, Dataset, gamma_pred,
+gamma_meas, sigma), table2.{md,csv} (Model, Dataset, gamma1, sigma1, gamma2, sigma2),
+summary.json (everything: fits with ranges, P_min, collapse quality, thresholds, warnings) and,
+per (arch, dataset), the figures (PNG and PDF) of Figs. 3-9 of the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from jaxnorm import analysis
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxnorm.analyze", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="sweep run directory (holds results.csv)")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/analysis)")
+    p.add_argument("--p-min", type=int, default=None,
+                   help="smallest P in the fits (default: chosen from the collapse, Appendix D)")
+    p.add_argument("--collapse-tol", type=float, default=0.08,
+                   help="rms log10 deviation allowed for the automatic P_min (default 0.08)")
+    p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples over seeds (0: off)")
+    p.add_argument("--boot-seed", type=int, default=0)
+    p.add_argument("--no-refine", action="store_true",
+                   help="take the raw arg-min as the optimum (no parabola refinement)")
+    p.add_argument("--no-figures", action="store_true", help="tables and summary only")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.p_min is not None and args.p_min <= 0:
+        print(f"error: --p-min must be a positive integer, got {args.p_min}", file=sys.stderr)
+        return 2
+    if args.n_boot < 0:
+        print(f"error: --n-boot must be >= 0, got {args.n_boot}", file=sys.stderr)
+        return 2
+    try:
+        df = analysis.load_run(args.run_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(args.run_dir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", analysis.AnalysisWarning)
+        try:
+            summaries = analysis.analyze_all(
+                df, p_min=args.p_min, collapse_tol=args.collapse_tol, n_boot=args.n_boot,
+                boot_seed=args.boot_seed, refine_optimum=not args.no_refine)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    t1, t2 = analysis.tables(summaries)
+    t1.to_csv(os.path.join(out, "table1.csv"), index=False)
+    t2.to_csv(os.path.join(out, "table2.csv"), index=False)
+    with open(os.path.join(out, "table1.md"), "w") as fh:
+        fh.write("Table 1: predicted vs measured eps(P) exponents (eps ~ P^-gamma)\n\n")
+        fh.write(analysis.to_markdown(t1))
+    with open(os.path.join(out, "table2.md"), "w") as fh:
+        fh.write("Table 2: exponents gamma1 (Eq. 3) and gamma2 (Eq. 4)\n\n")
+        fh.write(analysis.to_markdown(t2))
+    figures = {}
+    if not args.no_figures:
+        from jaxnorm import plots  # matplotlib only when figures are wanted
+
+        for name, s in summaries.items():
+            if "error" in s:
+                continue
+            sub = df
+            for col, val in (("arch", s.get("arch")), ("dataset", s.get("dataset")),
+                             ("size", s.get("size"))):
+                if col in sub.columns and val is not None:
+                    sub = sub[sub[col].astype(str) == val]
+            fig_dir = os.path.join(out, "figures", name.replace("/", "_"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                figures[name] = plots.all_figures(sub, s, fig_dir, run_dir=args.run_dir)
+    analysis.dump_json({"run_dir": os.path.abspath(args.run_dir), "groups": summaries,
+                        "figures": figures}, os.path.join(out, "summary.json"))
+    print(analysis.to_markdown(t1[["Model", "Dataset", "gamma_pred", "gamma_meas", "sigma"]]))
+    print(analysis.to_markdown(t2[["Model", "Dataset", "gamma1", "sigma1", "gamma2", "sigma2"]]))
+    for name, s in summaries.items():
+        if "error" in s:
+            print(f"{name}: analysis failed: {s['error']}", file=sys.stderr)
+        for w in s.get("warnings", []):
+            print(f"{name}: warning: {w}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
