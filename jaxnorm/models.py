@@ -1,0 +1,592 @@
+"""CNN (LeNet-5), ResNet-20 and ViT in Flax, as pure, vmappable pytrees.
+
+The paper (Sec. 3.1, App. E) trains "the standard and most simple possible
+definitions of the architectures, taken from the original papers", with Adam
+(AdamW for ViT), learning rate 1e-3, no weight decay. It used PyTorch, so the
+details below follow PyTorch's defaults where the original papers leave a
+choice. No dropout, no weight decay anywhere.
+
+Architectures (``size="paper"``; ``size="small"`` in brackets, for CPU tests)
+---------------------------------------------------------------------------
+cnn    LeNet-5 (LeCun et al. 1998), ReLU + 2x2 max pooling, as in the usual
+       PyTorch LeNet. conv1 5x5 -> 6 [4] channels (padding 2 on 28x28 inputs,
+       i.e. "SAME", the paper's 28->32 zero padding of MNIST; "VALID" on 32x32),
+       maxpool -> conv2 5x5 "VALID" -> 16 [8] -> maxpool -> flatten (5x5x16)
+       -> fc1 120 [32] -> fc2 84 [16] -> fc3 K. All layers have biases.
+resnet ResNet-20 of He et al. (2016, Sec. 4.2, CIFAR): 3x3 stem conv -> 16,
+       three stages of n=3 [1] basic blocks (conv3x3-BN-ReLU-conv3x3-BN, add,
+       ReLU) with widths 16/32/64 [4/8/16], the first block of stages 2 and 3
+       with stride 2 (explicit padding ((1,1),(1,1)) as PyTorch's padding=1),
+       option-A shortcuts (identity; parameter-free stride-2 subsampling + zero
+       channel padding where the shape changes), global average pool, dense K.
+       Convs have no bias (BN follows). BatchNorm: momentum 0.1 (Flax 0.9),
+       eps 1e-5 (PyTorch). ``size="small"`` is ResNet-8.
+vit    ViT (Dosovitskiy et al. 2021), small-image version: patch 4 (28x28 ->
+       49 tokens, 32x32 -> 64 tokens) by a conv with stride 4 "VALID", a [CLS]
+       token, learned position embeddings, depth 6 [2] pre-LN encoder blocks of
+       width 64 [16] with 4 [2] heads (head dim 16 [8]) and MLP 128 [32] with
+       exact GELU, a final LayerNorm (eps 1e-5) and a dense head on [CLS].
+
+Parameter counts (trainable "params" only; ResNet "batch_stats" hold 2x its
+BN channels more: 1,376 for ResNet-20, 120 for ResNet-8):
+
+==========  ======================  ==========  ===========
+model       input, classes          paper       small
+==========  ======================  ==========  ===========
+cnn         28x28x1, 10             61,706      8,042
+cnn         32x32x3, 10             62,006      8,242
+cnn         32x32x3, 100            69,656      9,772
+resnet      28x28x1, 10             269,434     4,934
+resnet      32x32x3, 10             269,722     5,006
+resnet      32x32x3, 100            275,572     6,536
+vit         28x28x1, 10             205,962     5,738
+vit         32x32x3, 10             208,970     6,490
+vit         32x32x3, 100            214,820     8,020
+==========  ======================  ==========  ===========
+
+(The test module recomputes these from closed-form formulas.)
+
+Initialisation follows PyTorch's defaults, since the paper used PyTorch:
+``nn.Conv2d``/``nn.Linear`` weights and biases U(-1/sqrt(fan_in),
+1/sqrt(fan_in)); ResNet convs Kaiming-normal (He et al. 2015, as the CIFAR
+ResNets); attention q/k/v Xavier-uniform with zero biases (``nn.MultiheadAttention``);
+[CLS] and position embeddings N(0, 0.02^2).
+
+Layout (``Model.layout``) lists every linear operator in forward order for the
+spectral complexity (paper Eq. 2): convs and dense kernels, LayerNorm scales and
+BatchNorm scales (kind ``"diag"``; BatchNorm ones with ``var_path`` to the
+running variance and ``eps``). ``residual=True`` marks every operator on a
+residual branch whose shortcut is the identity (ResNet blocks without
+downsampling: conv1, bn1, conv2, bn2; every ViT encoder sub-block: ln, q, k, v,
+out, mlp1, mlp2). ``lipschitz`` is 1 everywhere: ReLU and max pooling are
+1-Lipschitz; for GELU (true Lipschitz constant ~1.129) and softmax attention we
+take the paper's rho = 1 (Sec. 3.1 cites only ReLU's value); ``jaxnorm.norms``
+may override it.
+
+Convolution implementations (``conv_impl``), same parameters and paths for all:
+  "xla"      ``lax.conv_general_dilated``; max pooling by ``reduce_window``.
+  "patches"  shifted strided slices of the padded input concatenated along
+             channels (kh*kw*C), then one matmul with the kernel reshaped to
+             (kh*kw*C, C_out); 2x2 max pooling by reshape + max. Under
+             ``jax.vmap`` over replicas this is a batched matmul instead of a
+             grouped convolution, which XLA:CPU runs much faster.
+  "im2col"   ``lax.conv_general_dilated_patches`` + matmul (pooling as "patches").
+  "auto"     "patches" on CPU, "xla" on GPU/TPU (resolved by ``get_model`` from
+             ``jax.default_backend()``).
+bench/bench_conv.py (2-core CPU shared with ~10 other processes, so noisy;
+images/s of a vmapped Adam step, LeNet-5, batch 64/replica; plain nn.Conv model
+without vmap = 3,832 wall, 5,847 per CPU-second): at R = 1/4/16, "xla" 2,513/
+1,092/945, "patches" 4,552/2,134/1,641, "im2col" 796/619/655 (per CPU-second:
+xla 5,045/2,445/1,930, patches 7,983/3,507/3,394). "patches" is the fastest
+vmapped form (1.7-2x "xla"), but on CPU R replicas per dispatch still give
+fewer images/s than one plain model per dispatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnorm.layout import Layout, LinearLayer
+
+MODELS = ("cnn", "resnet", "vit")
+SIZES = ("paper", "small")
+CONV_IMPLS = ("auto", "xla", "patches", "im2col")
+INPUT_SHAPES = ((28, 28, 1), (32, 32, 3))
+
+BN_MOMENTUM = 0.9  # Flax convention; = PyTorch momentum 0.1
+BN_EPS = 1e-5  # PyTorch default
+LN_EPS = 1e-5  # PyTorch default
+GELU_LIPSCHITZ = 1.0  # the paper's rho = 1 approximation; exact GELU constant is ~1.1289
+
+WIDTHS = {
+    "cnn": {"paper": dict(conv=(6, 16), fc=(120, 84)), "small": dict(conv=(4, 8), fc=(32, 16))},
+    "resnet": {"paper": dict(widths=(16, 32, 64), blocks=3), "small": dict(widths=(4, 8, 16), blocks=1)},
+    "vit": {
+        "paper": dict(patch=4, dim=64, depth=6, heads=4, mlp=128),
+        "small": dict(patch=4, dim=16, depth=2, heads=2, mlp=32),
+    },
+}
+
+
+# --------------------------------------------------------------------------- #
+# Initialisers (PyTorch defaults)
+# --------------------------------------------------------------------------- #
+# kaiming_uniform_(a=sqrt(5)) of nn.Linear / nn.Conv2d is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+he_normal_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1, 2), out_axis=3)
+
+
+def torch_bias_init(fan_in: int) -> Callable:
+    """PyTorch's bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# --------------------------------------------------------------------------- #
+# Convolutions and pooling
+# --------------------------------------------------------------------------- #
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+    """Maps ``"auto"`` to the fastest implementation for the backend.
+
+    Args:
+      conv_impl: one of ``CONV_IMPLS``.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; default ``jax.default_backend()``.
+
+    Returns:
+      ``"xla"``, ``"patches"`` or ``"im2col"``.
+    """
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={conv_impl!r}; allowed: {CONV_IMPLS}")
+    if conv_impl != "auto":
+        return conv_impl
+    backend = backend or jax.default_backend()
+    # Measured in bench/bench_conv.py: on XLA:CPU vmapped per-replica kernels make
+    # grouped convolutions, slower than batched matmuls over patches.
+    return "patches" if backend == "cpu" else "xla"
+
+
+def _explicit_pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding) -> list:
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"padding={padding!r}; allowed: 'SAME', 'VALID' or ((lo, hi), (lo, hi))")
+        return [tuple(p) for p in jax.lax.padtype_to_pads(tuple(spatial), tuple(window), tuple(strides), padding)]
+    return [tuple(int(v) for v in p) for p in padding]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", impl: str = "xla") -> jax.Array:
+    """2-D convolution (cross-correlation, as ``flax.linen.Conv``), no bias.
+
+    Args:
+      x: [B, H, W, C_in].
+      kernel: [kh, kw, C_in, C_out].
+      strides: (sh, sw).
+      padding: "SAME", "VALID" or ((lo, hi), (lo, hi)); zero padding.
+      impl: "xla", "patches" or "im2col" (see the module docstring); all three
+        compute the same function.
+
+    Returns:
+      [B, H_out, W_out, C_out].
+    """
+    kh, kw, cin, cout = kernel.shape
+    strides = tuple(int(s) for s in strides)
+    pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, padding)
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    if impl == "im2col":
+        # Feature order of the patches is (C_in, kh, kw) (see lax docs: "c" + rhs spatial).
+        p = jax.lax.conv_general_dilated_patches(
+            x, (kh, kw), strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return p @ kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+    if impl == "patches":
+        return _patches(x, (kh, kw), strides, pads) @ kernel.reshape(kh * kw * cin, cout)
+    raise ValueError(f"conv impl={impl!r}; allowed: ('xla', 'patches', 'im2col')")
+
+
+def _patches(x: jax.Array, window, strides, pads) -> jax.Array:
+    """[B, H, W, C] -> [B, H_out, W_out, kh*kw*C], features ordered (kh, kw, C)."""
+    kh, kw = window
+    sh, sw = strides
+    if any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    b, h, w, c = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if (kh, kw) == (sh, sw) and h == ho * kh and w == wo * kw:
+        # Non-overlapping windows (ViT patch embedding): a pure reshape.
+        x = x.reshape(b, ho, kh, wo, kw, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, ho, wo, kh * kw * c)
+    cols = [
+        jax.lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def max_pool_2x2(x: jax.Array, impl: str = "xla") -> jax.Array:
+    """2x2 max pooling with stride 2, "VALID" (floor), on [B, H, W, C]."""
+    if impl == "xla":
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+# --------------------------------------------------------------------------- #
+# Layers
+# --------------------------------------------------------------------------- #
+class Conv2D(nn.Module):
+    """``nn.Conv``-compatible conv ("kernel" [kh, kw, C_in, C_out], "bias") with a choice of impl."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    use_bias: bool = True
+    impl: str = "xla"
+    kernel_init: Callable = torch_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features))
+        y = conv2d(x, kernel, self.strides, self.padding, self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", torch_bias_init(kh * kw * cin), (self.features,))
+        return y
+
+
+class Dense(nn.Module):
+    """``nn.Dense`` ("kernel" [d_in, d_out], "bias") with PyTorch's ``nn.Linear`` init."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        d_in = x.shape[-1]
+        kernel = self.param("kernel", torch_kernel_init, (d_in, self.features))
+        bias = self.param("bias", torch_bias_init(d_in), (self.features,))
+        return x @ kernel + bias
+
+
+# --------------------------------------------------------------------------- #
+# Architectures
+# --------------------------------------------------------------------------- #
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling. x: [B, H, W, C] -> [B, K]."""
+
+    num_classes: int
+    conv: tuple[int, int] = (6, 16)
+    fc: tuple[int, int] = (120, 84)
+    conv1_padding: Any = "SAME"
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Conv2D(self.conv[0], (5, 5), padding=self.conv1_padding, impl=self.impl, name="conv1")(x)
+        x = max_pool_2x2(nn.relu(x), self.impl)
+        x = Conv2D(self.conv[1], (5, 5), padding="VALID", impl=self.impl, name="conv2")(x)
+        x = max_pool_2x2(nn.relu(x), self.impl)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(Dense(self.fc[0], name="fc1")(x))
+        x = nn.relu(Dense(self.fc[1], name="fc2")(x))
+        return Dense(self.num_classes, name="fc3")(x)
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name=name)
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016) basic block with an option-A (parameter-free) shortcut."""
+
+    features: int
+    stride: int = 1
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        pad = "SAME" if self.stride == 1 else ((1, 1), (1, 1))  # PyTorch padding=1
+        conv = lambda s, p, n: Conv2D(  # noqa: E731
+            self.features, (3, 3), (s, s), p, use_bias=False, impl=self.impl, kernel_init=he_normal_init, name=n
+        )
+        y = conv(self.stride, pad, "conv1")(x)
+        y = nn.relu(_batch_norm(train, "bn1")(y))
+        y = conv(1, "SAME", "conv2")(y)
+        y = _batch_norm(train, "bn2")(y)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            # Option A: subsample and zero-pad the new channels (He et al. 2016, Sec. 4.2).
+            shortcut = x[:, :: self.stride, :: self.stride, :]
+            extra = self.features - x.shape[-1]
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(y + shortcut)
+
+
+class ResNetCifar(nn.Module):
+    """CIFAR ResNet-(6n+2) of He et al. (2016). x: [B, H, W, C] -> [B, K]."""
+
+    num_classes: int
+    widths: tuple[int, ...] = (16, 32, 64)
+    blocks: int = 3
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Conv2D(
+            self.widths[0], (3, 3), use_bias=False, impl=self.impl, kernel_init=he_normal_init, name="conv1"
+        )(x)
+        x = nn.relu(_batch_norm(train, "bn1")(x))
+        for s, width in enumerate(self.widths):
+            for b in range(self.blocks):
+                stride = 2 if (s > 0 and b == 0) else 1
+                x = BasicBlock(width, stride, self.impl, name=f"stage{s + 1}_block{b}")(x, train)
+        x = x.mean(axis=(1, 2))
+        return Dense(self.num_classes, name="fc")(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer encoder block (Dosovitskiy et al. 2021, Eq. 2-3). x: [B, T, d]."""
+
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        y = nn.LayerNorm(epsilon=LN_EPS, name="ln1")(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+            deterministic=True,
+            name="attn",
+        )(y)
+        x = x + y
+        y = nn.LayerNorm(epsilon=LN_EPS, name="ln2")(x)
+        y = nn.gelu(Dense(self.mlp, name="mlp1")(y), approximate=False)
+        return x + Dense(d, name="mlp2")(y)
+
+
+class ViT(nn.Module):
+    """Vision Transformer for small images. x: [B, H, W, C] -> [B, K]."""
+
+    num_classes: int
+    patch: int = 4
+    dim: int = 64
+    depth: int = 6
+    heads: int = 4
+    mlp: int = 128
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        p = self.patch
+        x = Conv2D(self.dim, (p, p), (p, p), "VALID", impl=self.impl, name="patch_embed")(x)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, d))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+        x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, h * w + 1, d))
+        for i in range(self.depth):
+            x = EncoderBlock(self.heads, self.mlp, name=f"encoder{i}")(x)
+        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+        return Dense(self.num_classes, name="head")(x[:, 0])
+
+
+# --------------------------------------------------------------------------- #
+# Layouts (built by construction; tests check them against the forward pass)
+# --------------------------------------------------------------------------- #
+def _conv_out(hw: int, k: int, s: int, padding) -> int:
+    if padding == "SAME":
+        return -(-hw // s)
+    if padding == "VALID":
+        return (hw - k) // s + 1
+    lo, hi = padding[0]
+    return (hw + lo + hi - k) // s + 1
+
+
+def _cnn_layout(input_shape, num_classes, conv, fc, conv1_padding) -> Layout:
+    h, w, c = input_shape
+    P = lambda *k: ("params",) + k  # noqa: E731
+    layers = [LinearLayer("conv1", "conv", P("conv1", "kernel"), (h, w, c), padding=conv1_padding)]
+    h = _conv_out(h, 5, 1, conv1_padding) // 2
+    layers.append(LinearLayer("conv2", "conv", P("conv2", "kernel"), (h, h, conv[0]), padding="VALID"))
+    h = _conv_out(h, 5, 1, "VALID") // 2
+    layers += [
+        LinearLayer("fc1", "dense", P("fc1", "kernel"), (h * h * conv[1],)),
+        LinearLayer("fc2", "dense", P("fc2", "kernel"), (fc[0],)),
+        LinearLayer("fc3", "dense", P("fc3", "kernel"), (fc[1],)),
+    ]
+    return tuple(layers)
+
+
+def _bn(name: str, scope: tuple[str, ...], shape) -> LinearLayer:
+    return LinearLayer(
+        name, "diag", ("params",) + scope + ("scale",), tuple(shape),
+        var_path=("batch_stats",) + scope + ("var",), eps=BN_EPS,
+        residual=False,
+    )
+
+
+def _resnet_layout(input_shape, num_classes, widths, blocks) -> Layout:
+    h, w, c = input_shape
+    layers = [
+        LinearLayer("conv1", "conv", ("params", "conv1", "kernel"), (h, w, c)),
+        _bn("bn1", ("bn1",), (h, w, widths[0])),
+    ]
+    cin = widths[0]
+    for s, width in enumerate(widths):
+        for b in range(blocks):
+            stride = 2 if (s > 0 and b == 0) else 1
+            identity = stride == 1 and cin == width
+            blk = f"stage{s + 1}_block{b}"
+            pad = "SAME" if stride == 1 else ((1, 1), (1, 1))
+            layers.append(
+                LinearLayer(f"{blk}/conv1", "conv", ("params", blk, "conv1", "kernel"), (h, w, cin),
+                            strides=(stride, stride), padding=pad, residual=identity)
+            )
+            h, w = _conv_out(h, 3, stride, pad), _conv_out(w, 3, stride, pad)
+            layers.append(dataclasses.replace(_bn(f"{blk}/bn1", (blk, "bn1"), (h, w, width)), residual=identity))
+            layers.append(
+                LinearLayer(f"{blk}/conv2", "conv", ("params", blk, "conv2", "kernel"), (h, w, width),
+                            residual=identity)
+            )
+            layers.append(dataclasses.replace(_bn(f"{blk}/bn2", (blk, "bn2"), (h, w, width)), residual=identity))
+            cin = width
+    layers.append(LinearLayer("fc", "dense", ("params", "fc", "kernel"), (cin,)))
+    return tuple(layers)
+
+
+def _vit_layout(input_shape, num_classes, patch, dim, depth, heads, mlp) -> Layout:
+    h, w, c = input_shape
+    t = (h // patch) * (w // patch) + 1
+    layers = [
+        LinearLayer("patch_embed", "conv", ("params", "patch_embed", "kernel"), (h, w, c),
+                    strides=(patch, patch), padding="VALID")
+    ]
+    for i in range(depth):
+        e = f"encoder{i}"
+        P = lambda *k: ("params", e) + k  # noqa: E731
+        layers += [
+            LinearLayer(f"{e}/ln1", "diag", P("ln1", "scale"), (t, dim), residual=True, eps=LN_EPS),
+            LinearLayer(f"{e}/attn/query", "dense", P("attn", "query", "kernel"), (t, dim), residual=True),
+            LinearLayer(f"{e}/attn/key", "dense", P("attn", "key", "kernel"), (t, dim), residual=True),
+            LinearLayer(f"{e}/attn/value", "dense", P("attn", "value", "kernel"), (t, dim), residual=True),
+            LinearLayer(f"{e}/attn/out", "dense", P("attn", "out", "kernel"), (t, dim), kernel_in_ndim=2,
+                        residual=True),
+            LinearLayer(f"{e}/ln2", "diag", P("ln2", "scale"), (t, dim), residual=True, eps=LN_EPS),
+            LinearLayer(f"{e}/mlp1", "dense", P("mlp1", "kernel"), (t, dim), residual=True,
+                        lipschitz=GELU_LIPSCHITZ),
+            LinearLayer(f"{e}/mlp2", "dense", P("mlp2", "kernel"), (t, mlp), residual=True),
+        ]
+    layers += [
+        LinearLayer("norm", "diag", ("params", "norm", "scale"), (t, dim), eps=LN_EPS),
+        LinearLayer("head", "dense", ("params", "head", "kernel"), (dim,)),
+    ]
+    return tuple(layers)
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A Flax module with its shapes and linear-operator layout; all methods are pure.
+
+    Attributes:
+      name: "cnn", "resnet" or "vit".
+      input_shape: (H, W, C) of one example.
+      num_classes: K.
+      size: "paper" or "small".
+      conv_impl: the resolved convolution implementation ("xla", "patches", "im2col").
+      module: the Flax module.
+      layout: every linear operator, in forward order (``jaxnorm.layout``).
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    size: str
+    conv_impl: str
+    module: nn.Module
+    layout: Layout
+
+    @property
+    def has_batch_stats(self) -> bool:
+        return self.name == "resnet"
+
+    def init(self, key: jax.Array) -> dict:
+        """Returns the variables: {"params": ...} (+ "batch_stats" for ResNet)."""
+        x = jnp.zeros((1,) + tuple(self.input_shape), jnp.float32)
+        return dict(self.module.init(key, x, train=False))
+
+    def apply(self, variables: dict, x: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+        """Forward pass.
+
+        Args:
+          variables: as returned by ``init`` (one replica; vmap for many).
+          x: [B, H, W, C] float32.
+          train: BatchNorm uses batch statistics and updates its running ones.
+
+        Returns:
+          (logits [B, K], new_state) with new_state the non-param collections:
+          {} for cnn and vit; {"batch_stats": ...} for resnet (updated when
+          ``train``, unchanged otherwise), so ``{**variables, **new_state}``
+          is always the next variables dict.
+        """
+        if not self.has_batch_stats:
+            return self.module.apply({"params": variables["params"]}, x, train=train), {}
+        if train:
+            logits, state = self.module.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits, {"batch_stats": state["batch_stats"]}
+        logits = self.module.apply(variables, x, train=False)
+        return logits, {"batch_stats": variables["batch_stats"]}
+
+
+def count_params(variables: dict) -> int:
+    """Number of trainable parameters (leaves of variables["params"])."""
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(variables["params"])))
+
+
+def get_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    size: str = "paper",
+    conv_impl: str = "auto",
+) -> Model:
+    """Builds one of the paper's architectures.
+
+    Args:
+      name: one of ``MODELS`` ("cnn", "resnet", "vit").
+      input_shape: (H, W, C), one of ``INPUT_SHAPES``: (28, 28, 1) or (32, 32, 3).
+      num_classes: K >= 2 (10 or 100 in the paper).
+      size: "paper" (the widths of the module docstring) or "small" (CPU tests).
+      conv_impl: one of ``CONV_IMPLS``; "auto" picks per backend.
+
+    Returns:
+      A ``Model``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model name={name!r}; allowed: {MODELS}")
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}; allowed: {SIZES}")
+    try:
+        input_shape = tuple(int(v) for v in input_shape)
+    except TypeError as err:
+        raise ValueError(f"input_shape={input_shape!r}; allowed: {INPUT_SHAPES}") from err
+    if input_shape not in INPUT_SHAPES:
+        raise ValueError(f"input_shape={input_shape} for model {name!r}; allowed: {INPUT_SHAPES}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r}; allowed: an integer >= 2 (e.g. 10, 100)")
+    num_classes = int(num_classes)
+    impl = resolve_conv_impl(conv_impl)
+    cfg = WIDTHS[name][size]
+    if name == "cnn":
+        # LeCun et al. padded 28x28 MNIST to 32x32: padding 2 on a 5x5 conv is "SAME".
+        pad = "SAME" if input_shape[0] == 28 else "VALID"
+        module = LeNet5(num_classes, cfg["conv"], cfg["fc"], pad, impl)
+        layout = _cnn_layout(input_shape, num_classes, cfg["conv"], cfg["fc"], pad)
+    elif name == "resnet":
+        module = ResNetCifar(num_classes, cfg["widths"], cfg["blocks"], impl)
+        layout = _resnet_layout(input_shape, num_classes, cfg["widths"], cfg["blocks"])
+    else:
+        module = ViT(num_classes, impl=impl, **cfg)
+        layout = _vit_layout(input_shape, num_classes, **cfg)
+    return Model(name, input_shape, num_classes, size, impl, module, layout)
