@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "layout", "data", "models", "norms", "engine", "results", "config",
-    "analysis", "plots", "theory", "perceptron",
+    "analysis", "plots", "theory", "perceptron", "perceptron_report",
 )
 
 
