@@ -1,0 +1,150 @@
+"""Cost of logging the spectral complexity (jaxnorm.norms) every epoch, against one training epoch.
+
+For each architecture, R replicas are trained together (one ``jax.vmap``-ed Adam step over the replica axis,
+batch 64, lr 1e-3, each replica drawing its own batches from a shared pool of P examples), and we time:
+
+  * one training epoch at P (= P / batch steps; with ``--steps N`` only N steps are timed and the epoch is
+    extrapolated linearly -- steps have static shapes, so their cost is constant);
+  * one spectral-complexity evaluation of all R replicas (jit + vmap, no host round trip), cold (random
+    start vectors, run to ``--tol``) and warm (started from the state of the previous evaluation, after the
+    timed training steps moved the weights);
+  * the power-iteration counts of both (max over replicas, per conv layer).
+
+Data are synthetic (Gaussian images, random labels): timings do not depend on the values.
+
+Usage:
+  python bench/bench_norms.py                       # cnn and resnet, R=16, P=4096, 32x32x3, paper size
+  python bench/bench_norms.py --arch cnn --steps 64 --R 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnorm import norms
+from jaxnorm.models import get_model
+
+
+def _timeit(fn, repeats):
+    times = []
+    out = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def make_train_step(model, tx, batch):
+    """A vmapped Adam step: (params, other, opt_state, key) per replica -> updated, loss."""
+
+    def loss_fn(params, other, x, y):
+        logits, new_state = model.apply({"params": params, **other}, x, True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_state
+
+    def step(params, other, opt_state, key, pool_x, pool_y, p):
+        idx = jax.random.randint(key, (batch,), 0, p)
+        (loss, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(params, other, pool_x[idx], pool_y[idx])
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), {**other, **new_state}, opt_state, loss
+
+    vstep = jax.vmap(step, in_axes=(0, 0, 0, 0, None, None, None))
+    return jax.jit(vstep, static_argnums=(6,), donate_argnums=(0, 1, 2))
+
+
+def bench_arch(arch, args):
+    model = get_model(arch, tuple(args.input_shape), args.classes, size=args.size)
+    r = args.R
+    keys = jax.random.split(jax.random.PRNGKey(0), r)
+    variables = jax.jit(jax.vmap(model.init))(keys)
+    params = variables["params"]
+    other = {k: v for k, v in variables.items() if k != "params"}
+    tx = optax.adam(1e-3)
+    opt_state = jax.jit(jax.vmap(tx.init))(params)
+    rng = np.random.default_rng(0)
+    pool_x = jnp.asarray(rng.normal(size=(args.P,) + tuple(args.input_shape)), jnp.float32)
+    pool_y = jnp.asarray(rng.integers(0, args.classes, size=(args.P,)), jnp.int32)
+    step = make_train_step(model, tx, args.batch)
+    steps_per_epoch = args.P // args.batch
+    n_steps = min(args.steps or steps_per_epoch, steps_per_epoch)
+
+    # --- norms, cold start (before training) ---
+    opts = dict(definition=args.definition, norm_layers=args.norm_layers, tol=args.tol, max_iters=args.max_iters)
+    f = norms.spectral_complexity_fn(model.layout, **opts)
+    state0 = jax.jit(jax.vmap(lambda k: norms.init_norm_state(model.layout, k)))(keys)
+    t = time.perf_counter()
+    f_c = f.lower({"params": params, **other}, state0).compile()
+    t_compile_norm = time.perf_counter() - t
+    t_cold, (_, _, state) = _timeit(lambda: f_c({"params": params, **other}, state0), args.repeats)
+    cold_iters = np.asarray(state["iters"]).max(axis=0)
+
+    # --- training ---
+    k = jax.random.PRNGKey(1)
+    t = time.perf_counter()
+    params, other, opt_state, loss = step(params, other, opt_state, jax.random.split(k, r), pool_x, pool_y, args.P)
+    jax.block_until_ready(loss)
+    t_compile_step = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(n_steps):
+        ks = jax.random.split(jax.random.fold_in(k, i + 1), r)
+        params, other, opt_state, loss = step(params, other, opt_state, ks, pool_x, pool_y, args.P)
+    jax.block_until_ready(loss)
+    t_steps = time.perf_counter() - t
+    t_epoch = t_steps / n_steps * steps_per_epoch
+
+    # --- norms, warm start after those training steps ---
+    v = {"params": params, **other}
+    t_warm, (total, _, warm_state) = _timeit(lambda: f_c(v, state), 1)
+    warm_iters = np.asarray(warm_state["iters"]).max(axis=0)
+    # Steady state: the warm evaluation of the next epoch (weights unchanged) runs min_iters.
+    t_warm2, _ = _timeit(lambda: f_c(v, warm_state), args.repeats)
+
+    stateful = [l.name for l in model.layout if l.kind in ("conv", "dense")]
+    conv_idx = [i for i, l in enumerate(l for l in model.layout if l.kind in ("conv", "dense")) if l.kind == "conv"]
+    print(f"\n== {arch} (size={args.size}, input {tuple(args.input_shape)}, R={r}, P={args.P}, batch {args.batch}, "
+          f"{len(model.layout)} layout entries, norm_layers={args.norm_layers}, tol={args.tol})")
+    print(f"compile: norm {t_compile_norm:.1f} s, train step {t_compile_step:.1f} s")
+    print(f"train: {n_steps} steps in {t_steps:.2f} s -> epoch ({steps_per_epoch} steps) {t_epoch:.2f} s")
+    print(f"norm eval, cold start:  {t_cold * 1e3:.1f} ms  ({100 * t_cold / t_epoch:.2f}% of an epoch)")
+    print(f"norm eval, warm start after {n_steps} steps: {t_warm * 1e3:.1f} ms  ({100 * t_warm / t_epoch:.2f}%)")
+    print(f"norm eval, warm, converged state: {t_warm2 * 1e3:.1f} ms  ({100 * t_warm2 / t_epoch:.2f}%)")
+    print("power iterations (max over replicas), cold -> warm:")
+    for i in conv_idx:
+        print(f"  {stateful[i]:28s} {int(cold_iters[i]):5d} -> {int(warm_iters[i]):3d}")
+    print(f"R_A (replica 0) after training: {float(total[0]):.4g}")
+    return dict(arch=arch, epoch_s=t_epoch, cold_s=t_cold, warm_s=t_warm, warm2_s=t_warm2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet", "vit"])
+    ap.add_argument("--size", default="paper", choices=["paper", "small"])
+    ap.add_argument("--input-shape", type=int, nargs=3, default=[32, 32, 3])
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--R", type=int, default=16)
+    ap.add_argument("--P", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=0, help="training steps to time (0: a whole epoch)")
+    ap.add_argument("--definition", default="paper", choices=list(norms.DEFINITIONS))
+    ap.add_argument("--norm-layers", default="exclude", choices=list(norms.NORM_LAYERS))
+    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--max-iters", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    rows = [bench_arch(a, args) for a in args.arch]
+    print("\narch     epoch_s   norm_cold_ms  norm_warm_ms  warm/epoch")
+    for r in rows:
+        print(f"{r['arch']:8s} {r['epoch_s']:8.2f}  {r['cold_s'] * 1e3:12.1f}  {r['warm_s'] * 1e3:12.1f}  "
+              f"{100 * r['warm_s'] / r['epoch_s']:8.2f}%")
+
+
+if __name__ == "__main__":
+    main()
