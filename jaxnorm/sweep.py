@@ -1,0 +1,164 @@
+"""CLI: train a (P, seed) sweep of the paper's Sec. 3 and log test error vs spectral complexity.
+
+    python -m jaxnorm.sweep --arch {cnn,resnet,vit,perceptron} --dataset {mnist,fashion_mnist,cifar10,cifar100}
+        [--config FILE] [--p 500,1000] [--seeds N] [--epochs N] [--replicas-per-device N] [--out DIR]
+        [--resume | --overwrite] [--quiet] [--data-dir DIR] [--eval-every N | --eval-points N]
+        [--size paper|small] [--batch-size N] [--steps-per-dispatch N] [--scan-unroll N]
+        [--conv-impl auto|xla|patches|im2col] [--test-subset N] [--margin-epochs 1,10,100]
+        [--checkpoint-minutes M] [--checkpoint-epochs N] [--no-plot] [--cache-dir DIR|none]
+
+Without ``--config`` the settings are the paper's for that (arch, dataset) pair (Appendix E;
+``jaxnorm.config.paper_defaults``, mirrored by ``sweeps/<arch>_<dataset>.toml``); a config file
+overrides them and command-line flags override both. ``--config sweeps/demo.toml`` is the CPU
+demo (a small CNN on Fashion-MNIST, several P, 2 seeds).
+
+Run directory (``--out``, default ``runs/<arch>_<dataset>``): see ``jaxnorm.results``; at the end
+``curves.png`` (test error vs spectral complexity per P) is written there.
+
+Resume: rerunning the same command resumes from the last checkpoint (a finished run is a no-op);
+``--resume`` insists that there is a run to resume; a run directory holding a different sweep is an
+error (pass another ``--out`` or ``--overwrite``). Engine knobs (replicas per device, steps per
+dispatch, scan unroll, eval batch, checkpoint interval, data dir) may change between runs.
+
+``--arch perceptron`` runs ``jaxnorm.perceptron_report`` (``--alpha``, ``--out``, ``--quick`` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxnorm import config as config_lib
+
+ARCH_CHOICES = config_lib.ARCHS + ("perceptron",)
+DEFAULT_CACHE = Path.home() / ".cache" / "jaxnorm" / "xla"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 500,1000") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jaxnorm.sweep", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=ARCH_CHOICES, help="architecture (perceptron: the Sec. 2 report)")
+    ap.add_argument("--dataset", choices=config_lib.DATASETS)
+    ap.add_argument("--config", help="sweep TOML file (sweeps/*.toml); overrides the paper defaults")
+    ap.add_argument("--p", type=_ints, help="training-set sizes, comma-separated (default: the paper's grid)")
+    ap.add_argument("--seeds", type=int, help="seeds per P")
+    ap.add_argument("--seed-start", type=int, help="first seed index (to split a sweep over runs/hosts)")
+    ap.add_argument("--sweep-seed", type=int, help="root seed of the sweep")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--size", choices=config_lib.SIZES, help="model size: paper or small (CPU)")
+    ap.add_argument("--eval-every", type=int, help="evaluate every N epochs")
+    ap.add_argument("--eval-points", type=int, help="evaluate on N log-spaced epochs instead")
+    ap.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of N test examples (0 = all)")
+    ap.add_argument("--train-eval-max", type=int, help="train error on at most N examples (0 = whole subset)")
+    ap.add_argument("--margin-epochs", type=_ints, help="epochs at which test margins are saved")
+    ap.add_argument("--replicas-per-device", type=int, help="replica slots per device (0 = auto)")
+    ap.add_argument("--steps-per-dispatch", type=int, help="train steps per device call (0 = auto)")
+    ap.add_argument("--scan-unroll", type=int)
+    ap.add_argument("--eval-batch", type=int)
+    ap.add_argument("--conv-impl", choices=config_lib.CONV_IMPLS)
+    ap.add_argument("--checkpoint-minutes", type=float)
+    ap.add_argument("--checkpoint-epochs", type=int)
+    ap.add_argument("--data-dir", help="dataset folder (see jaxnorm.data)")
+    ap.add_argument("--out", help="run directory (default runs/<arch>_<dataset>)")
+    ap.add_argument("--resume", action="store_true", help="require an existing run to resume")
+    ap.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                    help=f"persistent XLA compilation cache (default {DEFAULT_CACHE}; 'none' disables)")
+    return ap
+
+
+def _overrides(args) -> dict:
+    o = dict(P=args.p, seeds=args.seeds, seed_start=args.seed_start, sweep_seed=args.sweep_seed,
+             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, size=args.size,
+             test_subset=args.test_subset, train_eval_max=args.train_eval_max, margin_epochs=args.margin_epochs,
+             replicas_per_device=args.replicas_per_device, steps_per_dispatch=args.steps_per_dispatch,
+             scan_unroll=args.scan_unroll, eval_batch=args.eval_batch, conv_impl=args.conv_impl,
+             checkpoint_minutes=args.checkpoint_minutes, checkpoint_epochs=args.checkpoint_epochs,
+             data_dir=args.data_dir)
+    if args.eval_every is not None:
+        o.update(eval_schedule="every", eval_every=args.eval_every)
+    if args.eval_points is not None:
+        o.update(eval_schedule="log", eval_points=args.eval_points)
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def plot(df, path: Path) -> list[str]:
+    """Test error vs spectral complexity per P (jaxnorm.plots.plot_curves, or a minimal fallback)."""
+    try:
+        from jaxnorm import plots
+        return plots.plot_curves(df, str(path))
+    except ImportError:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        d = df[~df["diverged"]].groupby(["P", "epoch"])[["spectral_complexity", "test_error"]].mean().reset_index()
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for P, g in d.groupby("P"):
+            ax.plot(g["spectral_complexity"], g["test_error"], label=f"P={P}")
+        ax.set(xscale="log", yscale="log", xlabel="spectral complexity", ylabel="test error")
+        ax.legend(fontsize=7)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return [str(path)]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--arch")
+    known, rest = pre.parse_known_args(argv)
+    if known.arch == "perceptron":
+        from jaxnorm import perceptron_report
+
+        perceptron_report.main(rest)
+        return 0
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.resume and args.overwrite:
+        ap.error("--resume and --overwrite contradict each other")
+    try:
+        cfg = config_lib.resolve(args.arch, args.dataset, args.config, _overrides(args))
+    except ValueError as err:
+        ap.error(str(err))
+    out = Path(args.out or f"runs/{cfg.arch}_{cfg.dataset}")
+    if args.cache_dir and args.cache_dir.lower() != "none":
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from jaxnorm import engine, results
+
+    t0 = time.time()
+    try:
+        summary = engine.run(cfg, out, resume=True if args.resume else None, overwrite=args.overwrite,
+                             quiet=args.quiet)
+    except (engine.RunDirMismatch, ValueError, MemoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    files = []
+    if not args.no_plot:
+        df = results.load(out)
+        if len(df):
+            files = plot(df, out / "curves.png")
+    summary = {**summary, "run_dir": str(out), "seconds": round(time.time() - t0, 1), "plots": files}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
