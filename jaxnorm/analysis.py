@@ -555,14 +555,17 @@ def _noise_log(v: np.ndarray) -> float:
 
 
 def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
-                 min_points: int = 5, max_points: int = 400) -> dict:
+                 min_points: int = 5, max_points: int = 400, max_start: int = 2) -> dict:
     """Finds the pure power-law early window of a learning curve and its elbow.
 
-    Grid search over all windows [i, j] before the curve's minimum: a window is a power law when
-    a straight line in (log lambda, log eps) fits it to within the noise (reduced chi^2 below
-    1 + z sqrt(2/(n-2)), the chi^2 tail at z sigmas) with a negative slope. The widest such window
-    in log lambda is the early phase of Eq. 3; its right end is lambda_elbow, where the curve
-    departs from the power law by more than noise.
+    Grid search over the windows [i, j] before the curve's minimum that start at one of the
+    curve's first ``max_start + 1`` points: a window is a power law when a straight line in
+    (log lambda, log eps) fits it to within the noise (reduced chi^2 below 1 + z sqrt(2/(n-2)),
+    the chi^2 tail at z sigmas) with a negative slope. The widest such window in log lambda is
+    the early phase of Eq. 3; its right end is lambda_elbow, where the curve departs from the
+    power law by more than noise. The early phase is where training starts (Sec. 3.2): without
+    the start constraint, a long, nearly flat late stretch of a saturating curve (within noise
+    a line too) would win and bias gamma1 towards 0.
 
     Args:
       lam, eps: one curve, shape [T], lambda increasing.
@@ -570,6 +573,7 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
       z: tolerance of the chi^2 test in its own standard deviations.
       min_points: smallest window.
       max_points: longer curves are averaged down to this many points first.
+      max_start: latest index at which the early window may start (0 = the first point).
 
     Returns:
       dict i0, i1 (indices into the possibly averaged curve), lambda_start, lambda_elbow,
@@ -618,7 +622,7 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
         qq = C4 - C2 ** 2 / nw - C3 ** 2 / C2
         dsse = np.where(qq > 0, (D2 - T0 * C2 / nw - D1 * C3 / C2) ** 2 / qq, 0.0) / sigma ** 2
     ok = ((chi2r <= 1.0 + z * np.sqrt(2.0 / (nw - 2))) & (dsse <= z * z) & (slope < 0)
-          & (C2 > 0))
+          & (C2 > 0) & (i <= max_start))
     if not ok.any():
         return {"i0": None, "i1": None, "lambda_start": None, "lambda_elbow": None,
                 "slope": None, "noise": noise, "n_points": 0}

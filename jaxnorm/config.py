@@ -117,9 +117,13 @@ class SweepConfig:
     data_dir: str = ""
 
     def eval_epochs(self) -> tuple[int, ...]:
-        """The sorted epochs (0 = initialization) at which every replica is evaluated."""
-        return eval_epochs(self.epochs, self.eval_schedule, self.eval_every, self.eval_points,
-                           self.eval_at_init)
+        """The sorted epochs (0 = initialization) at which every replica is evaluated.
+
+        The schedule's epochs plus ``margin_epochs`` (margins are computed by an evaluation).
+        """
+        ev = eval_epochs(self.epochs, self.eval_schedule, self.eval_every, self.eval_points,
+                         self.eval_at_init)
+        return tuple(sorted(set(ev) | set(self.margin_epochs)))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, LogNorm  # noqa: E402
@@ -51,6 +52,9 @@ def _save(fig, path: str) -> list[str]:
     if ext.lower() not in (".png", ".pdf"):
         root = path
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    for ax in fig.axes:  # minor-tick labels of a log axis spanning < 1 decade collide with each other
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     out = []
     for e in (".png", ".pdf"):
         fig.savefig(root + e, dpi=150, bbox_inches="tight")

@@ -109,3 +109,11 @@ def test_perceptron_arch_routes_to_the_perceptron_report(monkeypatch):
     monkeypatch.setattr(perceptron_report, "main", lambda argv: seen.append(argv))
     assert sweep.main(["--arch", "perceptron", "--alpha", "5", "--out", "/tmp/x", "--quick"]) == 0
     assert seen == [["--alpha", "5", "--out", "/tmp/x", "--quick"]]
+
+
+def test_margin_epochs_are_evaluation_epochs():
+    # Margins are written by an evaluation: an epoch off the log grid must be added to it.
+    cfg = C.resolve("cnn", "fashion_mnist", overrides=dict(epochs=150, eval_schedule="log", eval_points=5,
+                                                         margin_epochs=[50]))
+    assert 50 not in C.eval_epochs(150, "log", 1, 5, True)
+    assert 50 in cfg.eval_epochs()
