@@ -149,8 +149,11 @@ def slot_ladder(n_slots: int, n_devices: int, ratio: float = 0.75) -> list[int]:
     sizes, r = [], n_slots
     while True:
         r = max(n_devices, -(-r // n_devices) * n_devices)
-        if not sizes or r < sizes[-1]:
-            sizes.append(r)
+        if sizes and r >= sizes[-1]:
+            # Rounding up to a multiple of n_devices undid the shrink (e.g. 2 devices: 4 -> 3 -> 4):
+            # step down one multiple, or the ladder never reaches n_devices and this loops forever.
+            r = sizes[-1] - n_devices  # >= n_devices: sizes[-1] is a multiple of it and > n_devices
+        sizes.append(r)
         if r == n_devices:
             return sizes
         r = int(math.floor(r * ratio))
@@ -640,7 +643,14 @@ def _compile_functions(model, tx, unroll: int, norm_kw: dict, rep: NamedSharding
 
     def norms(variables, state):
         trace_count["norms"] += 1
-        return jax.vmap(lambda v, s: norms_lib.spectral_complexity(v, layout, s, **norm_kw))(variables, state)
+        f = jax.vmap(lambda v, s: norms_lib.spectral_complexity(v, layout, s, **norm_kw))
+        # Per device (shard_map), not SPMD-partitioned: the power iteration is a lax.while_loop with a
+        # data-dependent trip count; partitioned over the sharded replica axis, XLA puts an all-reduce
+        # inside the loop that the devices reach a different number of times -- with >1 device the
+        # sweep deadlocked in the first evaluation (XLA:CPU: rendezvous timeout, or a silent hang).
+        # Each replica's result is the same either way (a vmapped while_loop masks finished entries).
+        return jax.shard_map(f, mesh=rep.mesh, in_specs=(spec, spec), out_specs=spec,
+                             check_vma=False)(variables, state)  # no collectives; vma trips linear_transpose
 
     ev = make_eval_chunk(model)
 

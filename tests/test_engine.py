@@ -306,6 +306,15 @@ def test_scheduler_gives_every_job_exactly_its_steps():
     assert sched.n_slots < 4  # compacted during the drain
 
 
+def test_slot_ladder_terminates_with_strictly_decreasing_multiples():
+    for n_dev in (1, 2, 3, 4, 8):
+        for n_slots in range(1, 70):
+            lad = engine.slot_ladder(n_slots, n_dev)  # used to loop forever, e.g. (4, 2), (16, 8)
+            assert lad[-1] == n_dev and all(s % n_dev == 0 for s in lad)
+            assert all(a > b for a, b in zip(lad, lad[1:]))
+    assert engine.slot_ladder(8, 1) == [8, 6, 4, 3, 2, 1] and engine.slot_ladder(4, 2) == [4, 2]
+
+
 def test_equal_jobs_in_equal_slots_never_idle():
     r = engine.simulate_idle_fraction([64], 8, 10, 16, range(11), n_slots=8, steps_per_dispatch=1)
     assert r["idle_fraction"] == 0.0 and r["busy_steps"] == 8 * 10 * 4
@@ -399,6 +408,24 @@ def test_one_and_eight_devices_give_the_same_results(base_run, tmp_path):
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["devices"] == 8 and info["slots"] == 8
     a, b = _strip(results.load(tmp_path / "run8")), _strip(results.load(out0))
+    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
+        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
+    _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_two_devices_default_replica_axis_finishes_and_matches_one_device(base_run, tmp_path):
+    # Regression: with >1 device the sweep hung (1) in slot_ladder (rounding up to a multiple of the
+    # device count undid the shrink: 4 -> 3 -> 4, forever) and (2) in the first evaluation (the norms'
+    # power-iteration while_loop, SPMD-partitioned over the sharded replica axis, deadlocked on a
+    # collective). Default replica axis ("map" on CPU), 2 devices x 2 slots; base_run: 1 device x 4.
+    out0, _, _ = base_run
+    script = _script(tmp_path, tmp_path / "cache")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run2"), "{}"], env=_env(2), cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["devices"] == 2 and info["slots"] == 4
+    a, b = _strip(results.load(tmp_path / "run2")), _strip(results.load(out0))
     assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
         list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
     _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
