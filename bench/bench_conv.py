@@ -9,13 +9,16 @@ patches + (batched) matmul. This script measures, in one run, images/s of:
                one model per dispatch (the baseline);
   vmap/<impl>  ``jax.vmap`` over R replicas of a train step of
                ``get_model("cnn", (28, 28, 1), 10, conv_impl=impl)``;
-  map/xla      ``jax.lax.map`` (a loop inside one program) over R replicas, xla convs.
+  map/<impl>   ``jax.lax.map`` (a loop inside one program) over R replicas;
+  assembly     the patch matrix of LeNet-5's conv1 (5x5 taps of a [64, 28, 28, 1] batch) built
+               by one concatenate of 25 slices vs two concatenates of 5 (what ``models`` does),
+               and channels-first (taps on the leading axis) as "phase" does.
 
 Batch 64 per replica, 28x28x1, 10 classes, Adam lr 1e-3, float32, random data.
 Ratios are relative to ``plain``. Timings on a loaded machine are noisy: run it
 alone when numbers matter.
 
-Usage: python bench/bench_conv.py [--replicas 1 4 16] [--seconds 3] [--impls xla patches im2col]
+Usage: python bench/bench_conv.py [--replicas 1 4 16] [--seconds 3] [--impls xla patches im2col phase]
 """
 
 from __future__ import annotations
@@ -86,9 +89,9 @@ def time_step(step, params, opt_state, x, y, seconds: float) -> tuple[float, flo
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--impls", nargs="+", default=["xla", "patches", "im2col"])
+    ap.add_argument("--impls", nargs="+", default=["xla", "patches", "im2col", "phase"])
     ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
-    ap.add_argument("--no-map", action="store_true", help="skip the lax.map variant")
+    ap.add_argument("--no-map", action="store_true", help="skip the lax.map variants")
     args = ap.parse_args()
     for impl in args.impls:
         if impl not in M.CONV_IMPLS[1:]:
@@ -110,7 +113,7 @@ def main():
 
     variants = [(f"vmap/{impl}", impl, "vmap") for impl in args.impls]
     if not args.no_map:
-        variants.append(("map/xla", "xla", "map"))
+        variants += [(f"map/{impl}", impl, "map") for impl in args.impls if impl != "im2col"]
     for label, impl, how in variants:
         model = M.get_model("cnn", SHAPE, K, conv_impl=impl)
         one = make_step(lambda p, x, model=model: model.apply({"params": p}, x, True)[0], opt)
@@ -127,10 +130,41 @@ def main():
             c, sps, spc = time_step(jax.jit(fn, donate_argnums=(0, 1)), params, opt_state, xs, ys, args.seconds)
             rows.append((label, r, c, sps * r * BATCH, spc * r * BATCH))
 
+    assembly = patch_assembly(args.seconds)
     print(f"\nLeNet-5 (paper size), {SHAPE}, {K} classes, batch {BATCH}/replica, Adam step")
     print(f"{'variant':<18}{'R':>4}{'compile s':>11}{'images/s':>11}{'x plain':>9}{'img/CPU-s':>11}{'x plain':>9}")
     for label, r, c, ips, ipc in rows:
         print(f"{label:<18}{r:>4}{c:>11.1f}{ips:>11.0f}{ips / base:>9.2f}{ipc:>11.0f}{ipc / base_cpu:>9.2f}")
+    print("\nconv1 patch assembly, [64, 28, 28, 1] -> 25 taps, microseconds per call:")
+    one = assembly["one concatenate of 25 (NHWC)"]
+    for label, us in assembly.items():
+        print(f"  {label:<40}{us:>9.1f}{one / us:>7.2f}x")
+
+
+def patch_assembly(seconds: float) -> dict[str, float]:
+    """Microseconds to build conv1's patches three ways (same values, different XLA programs)."""
+    x = jax.random.normal(jax.random.key(0), (BATCH, 32, 32, 1))  # padded 28x28 input
+
+    def one_concat(x):
+        return jnp.concatenate([x[:, i:i + 28, j:j + 28] for i in range(5) for j in range(5)], axis=-1)
+
+    def two_concats(x):
+        xw = jnp.concatenate([x[:, :, j:j + 28] for j in range(5)], axis=-1)
+        return jnp.concatenate([xw[:, i:i + 28] for i in range(5)], axis=-1)
+
+    out = {}
+    variants = [("one concatenate of 25 (NHWC)", one_concat, x), ("two concatenates of 5 (NHWC)", two_concats, x),
+                ("channels-first, leading axis (phase)", lambda z: M._cf_patches(z, (5, 5), ((0, 0), (0, 0))),
+                 jnp.transpose(x, (3, 0, 1, 2)))]
+    for label, fn, arg in variants:
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(arg))
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            jax.block_until_ready(fn(arg))
+            n += 1
+        out[label] = (time.perf_counter() - t0) / n * 1e6
+    return out
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("adam", "adamw")
 EVAL_SCHEDULES = ("every", "log")
 SIZES = ("paper", "small")
-CONV_IMPLS = ("auto", "xla", "patches", "im2col")
+CONV_IMPLS = ("auto", "xla", "patches", "im2col", "phase")  # = jaxnorm.models.CONV_IMPLS
 REPLICA_AXES = ("auto", "vmap", "map")
 NORM_DEFINITIONS = ("paper", "bartlett", "paper_input")
 
@@ -65,13 +65,13 @@ class SweepConfig:
         ablations and the divergence test); empty for the paper.
     Engine knobs (may change between a run and its resume; they change speed and the last
       bits of float results only):
-      conv_impl: "auto" | "xla" | "patches" | "im2col" (see jaxnorm.models).
+      conv_impl: "auto" | "xla" | "patches" | "im2col" | "phase" (cnn only) (see jaxnorm.models).
       replica_axis: "auto" | "vmap" | "map": how one dispatch runs its replicas: one batched
         (vmapped) program, or the unbatched per-replica step in a loop inside the dispatch
         (lax.map); "auto" = "map" on CPU, "vmap" on accelerators (see bench/bench_engine.py).
       replicas_per_device: replica slots per device; 0 = automatic.
       steps_per_dispatch: train steps per device call (a lax.scan); 0 = automatic per backend.
-      scan_unroll: unroll factor of that scan; 0 = automatic (fully unrolled on CPU, 1 elsewhere).
+      scan_unroll: unroll factor of that scan; 0 = automatic (1: rolled, fastest on CPU and accelerators).
       eval_batch: examples per evaluation call.
       checkpoint_minutes, checkpoint_epochs: checkpoint when either interval has elapsed
         (epochs counted by the longest-running replica); 0 disables that trigger.
@@ -255,6 +255,9 @@ def validate(cfg: SweepConfig) -> None:
     _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _check_choice("eval_schedule", cfg.eval_schedule, EVAL_SCHEDULES)
     _check_choice("conv_impl", cfg.conv_impl, CONV_IMPLS)
+    if cfg.conv_impl == "phase" and cfg.arch != "cnn":
+        raise ValueError(f"conv_impl='phase' is for arch 'cnn' only, not {cfg.arch!r}; allowed for {cfg.arch!r}: "
+                         f"{', '.join(c for c in CONV_IMPLS if c != 'phase')}")
     _check_choice("replica_axis", cfg.replica_axis, REPLICA_AXES)
     _check_choice("norm_definition", cfg.norm_definition, NORM_DEFINITIONS)
     _check_choice("norm_layers", cfg.norm_layers, ("exclude", "include"))

@@ -66,20 +66,22 @@ may override it.
 Convolution implementations (``conv_impl``), same parameters and paths for all:
   "xla"      ``lax.conv_general_dilated``; max pooling by ``reduce_window``.
   "patches"  shifted strided slices of the padded input concatenated along
-             channels (kh*kw*C), then one matmul with the kernel reshaped to
-             (kh*kw*C, C_out); 2x2 max pooling by reshape + max. Under
-             ``jax.vmap`` over replicas this is a batched matmul instead of a
-             grouped convolution, which XLA:CPU runs much faster.
+             channels (kh*kw*C, in two concatenates of kw and kh slices), then one
+             matmul with the kernel reshaped to (kh*kw*C, C_out); 2x2 max pooling by
+             reshape + max. Under ``jax.vmap`` over replicas this is a batched matmul
+             instead of a grouped convolution.
   "im2col"   ``lax.conv_general_dilated_patches`` + matmul (pooling as "patches").
-  "auto"     "patches" on CPU, "xla" on GPU/TPU (resolved by ``get_model`` from
-             ``jax.default_backend()``).
-bench/bench_conv.py (2-core CPU shared with ~10 other processes, so noisy;
-images/s of a vmapped Adam step, LeNet-5, batch 64/replica; plain nn.Conv model
-without vmap = 3,832 wall, 5,847 per CPU-second): at R = 1/4/16, "xla" 2,513/
-1,092/945, "patches" 4,552/2,134/1,641, "im2col" 796/619/655 (per CPU-second:
-xla 5,045/2,445/1,930, patches 7,983/3,507/3,394). "patches" is the fastest
-vmapped form (1.7-2x "xla"), but on CPU R replicas per dispatch still give
-fewer images/s than one plain model per dispatch.
+  "phase"    LeNet-5 only: channels-first conv -> max pool -> bias -> ReLU blocks
+             (``ConvPoolReLU``); conv1's patch columns ordered by pooling-window
+             position so the pooling and its gradient are block-wise.
+  "auto"     on CPU "phase" for cnn, "patches" for resnet and vit; "xla" on GPU/TPU
+             (resolved by ``get_model`` from ``jax.default_backend()``).
+bench/bench_conv.py on the 2-core CPU (quiet machine; LeNet-5, batch 64 per
+replica, Adam; images/s at R = 1 / 16 replicas): plain Flax model 11,600 (R = 1);
+lax.map over replicas: "xla" 2,700 / 2,700, "patches" 15,500 / 16,900, "phase"
+26,000 / 27,100; vmap: "xla" 10,000 / 2,900, "patches" 17,100 / 6,500, "phase"
+17,400 / 8,000. Building conv1's patches with one concatenate of 25 slices took
+687 us, with two of 5 slices 200 us, channels-first 152 us.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ from jaxnorm.layout import Layout, LinearLayer
 
 MODELS = ("cnn", "resnet", "vit")
 SIZES = ("paper", "small")
-CONV_IMPLS = ("auto", "xla", "patches", "im2col")
+CONV_IMPLS = ("auto", "xla", "patches", "im2col", "phase")
 INPUT_SHAPES = ((28, 28, 1), (32, 32, 3))
 
 BN_MOMENTUM = 0.9  # Flax convention; = PyTorch momentum 0.1
@@ -136,24 +138,30 @@ def torch_bias_init(fan_in: int) -> Callable:
 # --------------------------------------------------------------------------- #
 # Convolutions and pooling
 # --------------------------------------------------------------------------- #
-def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Maps ``"auto"`` to the fastest implementation for the backend.
+def resolve_conv_impl(conv_impl: str, backend: str | None = None, arch: str = "cnn") -> str:
+    """Maps ``"auto"`` to the fastest implementation for the backend and architecture.
 
     Args:
       conv_impl: one of ``CONV_IMPLS``.
       backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; default ``jax.default_backend()``.
+      arch: one of ``MODELS``; "phase" exists for "cnn" only.
 
     Returns:
-      ``"xla"``, ``"patches"`` or ``"im2col"``.
+      ``"xla"``, ``"patches"``, ``"im2col"`` or ``"phase"``.
     """
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={conv_impl!r}; allowed: {CONV_IMPLS}")
+    if conv_impl == "phase" and arch != "cnn":
+        raise ValueError(f"conv_impl='phase' is LeNet-5's conv->pool blocks, not {arch!r}; allowed for "
+                         f"{arch!r}: {tuple(c for c in CONV_IMPLS if c != 'phase')}")
     if conv_impl != "auto":
         return conv_impl
     backend = backend or jax.default_backend()
-    # Measured in bench/bench_conv.py: on XLA:CPU vmapped per-replica kernels make
-    # grouped convolutions, slower than batched matmuls over patches.
-    return "patches" if backend == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    # Measured in bench/bench_conv.py and bench/bench_engine.py: XLA:CPU's convolutions and
+    # reduce-window pooling are slow for these small channel counts; patches + matmul win.
+    return "phase" if arch == "cnn" else "patches"
 
 
 def _explicit_pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding) -> list:
@@ -208,12 +216,17 @@ def _patches(x: jax.Array, window, strides, pads) -> jax.Array:
         # Non-overlapping windows (ViT patch embedding): a pure reshape.
         x = x.reshape(b, ho, kh, wo, kw, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, ho, wo, kh * kw * c)
-    cols = [
-        jax.lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.concatenate(cols, axis=-1)
+    # Two stages of kw and then kh slices: XLA:CPU emits a concatenate of kh*kw operands
+    # as a per-element select over all of them, which measured 5-8x slower than two
+    # concatenates of kw and kh operands (bench/bench_conv.py). Feature order stays (kh, kw, C).
+    xw = jnp.concatenate(
+        [jax.lax.slice(x, (0, 0, j, 0), (b, h, j + sw * (wo - 1) + 1, c), (1, 1, sw, 1)) for j in range(kw)],
+        axis=-1,
+    )
+    return jnp.concatenate(
+        [jax.lax.slice(xw, (0, i, 0, 0), (b, i + sh * (ho - 1) + 1, wo, kw * c), (1, sh, 1, 1)) for i in range(kh)],
+        axis=-1,
+    )
 
 
 def max_pool_2x2(x: jax.Array, impl: str = "xla") -> jax.Array:
@@ -223,6 +236,108 @@ def max_pool_2x2(x: jax.Array, impl: str = "xla") -> jax.Array:
     b, h, w, c = x.shape
     x = x[:, : h // 2 * 2, : w // 2 * 2, :]
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+# Channels-first conv -> 2x2 max pool -> bias -> ReLU blocks ("phase", LeNet-5 on CPU)
+# --------------------------------------------------------------------------- #
+# Max pooling commutes with the per-channel bias and with the ReLU (both monotone), so
+# relu(pool(conv(x) + b)) = relu(pool(conv(x)) + b) exactly, and the bias and ReLU run on a
+# 4x smaller array. Activations are [C, B, H, W]: patches are stacked along the leading
+# (feature) axis, so every copy moves whole contiguous rows, and the matmul W^T [C_out, K] @
+# P [K, B*H*W] has its long dimension last. XLA:CPU spends most of a small CNN's step on
+# the memory-bound ops around the matmuls (patch concatenates, pooling masks); these layouts
+# are what bench/bench_conv.py measured fastest.
+def _cf_patches(x: jax.Array, window, pads) -> jax.Array:
+    """[C, B, H, W] -> [kh*kw*C, B, H_out, W_out] (stride 1), features ordered (kh, kw, C)."""
+    kh, kw = window
+    x = jnp.pad(x, ((0, 0), (0, 0), tuple(pads[0]), tuple(pads[1])))
+    c, b, h, w = x.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    xw = jnp.stack([x[..., j:j + wo] for j in range(kw)]).reshape(kw * c, b, h, wo)
+    return jnp.stack([xw[:, :, i:i + ho] for i in range(kh)]).reshape(kh * kw * c, b, ho, wo)
+
+
+def _phase_patches(x: jax.Array, window, pads) -> jax.Array:
+    """[C, B, H, W] -> [kh*kw*C, 4, B, H_out//2, W_out//2] (stride 1).
+
+    The conv's output positions (2*h2 + dh, 2*w2 + dw) are ordered (dh, dw, b, h2, w2): the
+    four positions of each 2x2 pooling window sit in four contiguous blocks, so the pooling
+    and its gradient are elementwise over blocks instead of strided gathers. Odd output rows
+    or columns are dropped, as "VALID" pooling does.
+    """
+    kh, kw = window
+    x = jnp.pad(x, ((0, 0), (0, 0), tuple(pads[0]), tuple(pads[1])))
+    c, b, h, w = x.shape
+    h2, w2 = (h - kh + 1) // 2, (w - kw + 1) // 2
+    cols = [x[..., p::2] for p in (0, 1)]  # even / odd input columns
+    # [kw, C, 2 (dw), B, H, W2]: input column 2*w2 + dw + j = 2*(w2 + o//2) + o%2, o = j + dw.
+    s1 = jnp.stack([jnp.stack([cols[(j + dw) % 2][..., (j + dw) // 2:(j + dw) // 2 + w2] for dw in (0, 1)], 1)
+                    for j in range(kw)])
+    # [kh, kw, C, 2 (dh), 2 (dw), B, H2, W2]: input row 2*h2 + dh + i.
+    s2 = jnp.stack([jnp.stack([s1[:, :, :, :, i + dh:i + dh + 2 * h2 - 1:2] for dh in (0, 1)], 2)
+                    for i in range(kh)])
+    return s2.reshape(kh * kw * c, 4, b, h2, w2)
+
+
+@jax.custom_vjp
+def _max_over_window(y: jax.Array) -> jax.Array:
+    """[C, 4, ...] -> [C, ...]: the max over the four positions of each pooling window."""
+    return y.max(axis=1)
+
+
+def _max_over_window_fwd(y):
+    m = y.max(axis=1)
+    return m, (y, m)
+
+
+def _max_over_window_bwd(res, g):
+    # The gradient goes to the position of the max. Pooling runs before the ReLU here, on
+    # pre-activations, where ties have probability zero (autodiff's max would split it).
+    y, m = res
+    return (jnp.where(y == m[:, None], g[:, None], 0.0),)
+
+
+_max_over_window.defvjp(_max_over_window_fwd, _max_over_window_bwd)
+
+
+def _max_pool_cf(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, "VALID" (floor), on [C, B, H, W]."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    return jnp.maximum(jnp.maximum(x[:, :, 0:h:2, 0:w:2], x[:, :, 0:h:2, 1:w:2]),
+                       jnp.maximum(x[:, :, 1:h:2, 0:w:2], x[:, :, 1:h:2, 1:w:2]))
+
+
+class ConvPoolReLU(nn.Module):
+    """relu(max_pool_2x2(conv(x) + b)) on channels-first x [C, B, H, W] -> [C_out, B, H2, W2].
+
+    Parameters as ``Conv2D`` ("kernel" [kh, kw, C_in, C_out], "bias"; same names, shapes and
+    initialisation, so a checkpoint works with every ``conv_impl``); stride 1.
+    ``phase=True`` orders the patch columns by pooling-window position (``_phase_patches``):
+    fastest where no gradient flows to x (the first layer); ``phase=False`` pools the
+    channels-first conv output with strided slices, cheaper when x needs its gradient.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    padding: Any = "SAME"
+    phase: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin = x.shape[0]
+        kernel = self.param("kernel", torch_kernel_init, (kh, kw, cin, self.features))
+        bias = self.param("bias", torch_bias_init(kh * kw * cin), (self.features,))
+        pads = _explicit_pads(x.shape[2:4], (kh, kw), (1, 1), self.padding)
+        wt = kernel.reshape(kh * kw * cin, self.features).T
+        if self.phase:
+            p = _phase_patches(x, (kh, kw), pads)
+            y = (wt @ p.reshape(p.shape[0], -1)).reshape(self.features, *p.shape[1:])
+            y = _max_over_window(y)
+        else:
+            p = _cf_patches(x, (kh, kw), pads)
+            y = _max_pool_cf((wt @ p.reshape(p.shape[0], -1)).reshape(self.features, *p.shape[1:]))
+        return nn.relu(y + bias[:, None, None, None])
 
 
 # --------------------------------------------------------------------------- #
@@ -277,10 +392,16 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = Conv2D(self.conv[0], (5, 5), padding=self.conv1_padding, impl=self.impl, name="conv1")(x)
-        x = max_pool_2x2(nn.relu(x), self.impl)
-        x = Conv2D(self.conv[1], (5, 5), padding="VALID", impl=self.impl, name="conv2")(x)
-        x = max_pool_2x2(nn.relu(x), self.impl)
+        if self.impl == "phase":
+            h = jnp.transpose(x, (3, 0, 1, 2))  # [C, B, H, W]
+            h = ConvPoolReLU(self.conv[0], (5, 5), self.conv1_padding, phase=True, name="conv1")(h)
+            h = ConvPoolReLU(self.conv[1], (5, 5), "VALID", phase=False, name="conv2")(h)
+            x = jnp.transpose(h, (1, 2, 3, 0))  # back to [B, H, W, C]: fc1 reads (h, w, c) order
+        else:
+            x = Conv2D(self.conv[0], (5, 5), padding=self.conv1_padding, impl=self.impl, name="conv1")(x)
+            x = max_pool_2x2(nn.relu(x), self.impl)
+            x = Conv2D(self.conv[1], (5, 5), padding="VALID", impl=self.impl, name="conv2")(x)
+            x = max_pool_2x2(nn.relu(x), self.impl)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(self.fc[0], name="fc1")(x))
         x = nn.relu(Dense(self.fc[1], name="fc2")(x))
@@ -493,7 +614,7 @@ class Model:
       input_shape: (H, W, C) of one example.
       num_classes: K.
       size: "paper" or "small".
-      conv_impl: the resolved convolution implementation ("xla", "patches", "im2col").
+      conv_impl: the resolved convolution implementation ("xla", "patches", "im2col", "phase").
       module: the Flax module.
       layout: every linear operator, in forward order (``jaxnorm.layout``).
     """
@@ -576,7 +697,7 @@ def get_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes!r}; allowed: an integer >= 2 (e.g. 10, 100)")
     num_classes = int(num_classes)
-    impl = resolve_conv_impl(conv_impl)
+    impl = resolve_conv_impl(conv_impl, arch=name)
     cfg = WIDTHS[name][size]
     if name == "cnn":
         # LeCun et al. padded 28x28 MNIST to 32x32: padding 2 on a 5x5 conv is "SAME".

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,31 @@ def test_cli_rejects_bad_arguments_with_a_clear_message(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--arch", "cnn", "--dataset", "svhn"])
     assert "invalid choice: 'svhn'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--arch", "cnn", "--dataset", "mnist", "--cpu-devices", "0"])
+    assert "--cpu-devices 0; allowed: an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--arch", "resnet", "--dataset", "mnist", "--conv-impl", "phase"])
+    assert "conv_impl='phase' is for arch 'cnn' only" in capsys.readouterr().err
+
+
+def test_cpu_devices_split_the_host_before_jax_starts():
+    # In a fresh interpreter: one CPU device per core by default, N when asked, and XLA_FLAGS wins.
+    code = ("import sys; from jaxnorm import sweep; n = sweep.set_cpu_devices({arg}); import jax; "
+            "print(n, jax.device_count(), sweep.set_cpu_devices(5))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    cores = len(os.sched_getaffinity(0))
+    for arg, want in (("None", f"{cores} {cores} None"), ("3", "3 3 None")):
+        out = subprocess.run([sys.executable, "-c", code.format(arg=arg)], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == want.split()  # once JAX is up, it is left alone
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    out = subprocess.run([sys.executable, "-c", code.format(arg="2")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["None", "4", "None"], out.stderr[-2000:]
+    with pytest.raises(ValueError, match="--cpu-devices 0; allowed: an integer >= 1"):
+        sweep.set_cpu_devices(0)
 
 
 def test_cli_overrides_reach_the_config():

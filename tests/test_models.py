@@ -132,7 +132,9 @@ def record_calls(model, variables, x, train):
 @pytest.mark.parametrize("name", M.MODELS)
 @pytest.mark.parametrize("shape,k", CASES[:2])
 def test_layout_matches_forward_pass(name, size, shape, k):
-    model = M.get_model(name, shape, k, size=size)
+    # The layout does not depend on conv_impl; "xla" keeps every module's input in [B, H, W, C]
+    # ("phase" runs channels-first; it is checked against "xla" below).
+    model = M.get_model(name, shape, k, size=size, conv_impl="xla")
     variables = abstract_variables(model)
     b = 3
     rec = record_calls(model, variables, jnp.zeros((b,) + shape), train=True)
@@ -248,10 +250,69 @@ def test_max_pool_impls_agree():
 
 
 def test_auto_conv_impl_is_chosen_per_backend():
-    assert M.resolve_conv_impl("auto", "cpu") == "patches"
+    assert M.resolve_conv_impl("auto", "cpu") == "phase"
+    assert M.resolve_conv_impl("auto", "cpu", arch="resnet") == "patches"
+    assert M.resolve_conv_impl("auto", "cpu", arch="vit") == "patches"
     assert M.resolve_conv_impl("auto", "gpu") == "xla"
-    assert M.resolve_conv_impl("auto", "tpu") == "xla"
+    assert M.resolve_conv_impl("auto", "tpu", arch="vit") == "xla"
     assert M.resolve_conv_impl("im2col", "cpu") == "im2col"
+    with pytest.raises(ValueError, match="not 'resnet'; allowed for 'resnet'.*'patches'"):
+        M.resolve_conv_impl("phase", "cpu", arch="resnet")
+
+
+@pytest.mark.parametrize("hw,pad", [(8, ((2, 2), (2, 2))), (11, ((0, 0), (0, 0))), (10, ((1, 2), (0, 1)))])
+def test_phase_patches_are_the_conv_output_in_window_order(hw, pad):
+    # float64 brute force: the matmul with the phase-ordered patches is the zero-padded conv
+    # at (2*h2 + dh, 2*w2 + dw), odd last rows/columns dropped ("VALID" pooling's floor).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, hw, hw + 1))  # [C, B, H, W]
+    w = rng.normal(size=(5, 5, 2, 4))
+    xp = np.pad(x, ((0, 0), (0, 0)) + pad)
+    ho, wo = xp.shape[2] - 4, xp.shape[3] - 4
+    ref = np.zeros((4, 3, ho, wo))
+    for i in range(5):
+        for j in range(5):
+            ref += np.einsum("cbhw,co->obhw", xp[:, :, i:i + ho, j:j + wo], w[i, j])
+    with jax.enable_x64():
+        p = M._phase_patches(jnp.asarray(x), (5, 5), pad)
+        y = np.asarray(jnp.asarray(w.reshape(50, 4)).T @ p.reshape(50, -1)).reshape(4, 2, 2, 3, ho // 2, wo // 2)
+        cf = M._cf_patches(jnp.asarray(x), (5, 5), pad)
+        np.testing.assert_allclose(np.asarray(jnp.asarray(w.reshape(50, 4)).T @ cf.reshape(50, -1)).reshape(ref.shape),
+                                   ref, rtol=1e-12, atol=1e-12)
+    for dh in (0, 1):
+        for dw in (0, 1):
+            np.testing.assert_allclose(y[:, dh, dw], ref[:, :, dh:2 * (ho // 2):2, dw:2 * (wo // 2):2],
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_phase_window_max_gradient_goes_to_the_max():
+    y = jnp.asarray([[[1.0, 5.0], [3.0, -1.0], [2.0, 7.0], [0.0, 6.0]]])  # [C=1, 4, 2]
+    g = jax.grad(lambda y: jnp.sum(M._max_over_window(y) * jnp.asarray([[10.0, 20.0]])))(y)
+    np.testing.assert_array_equal(M._max_over_window(y), [[3.0, 7.0]])
+    np.testing.assert_array_equal(g, [[[0, 0], [10, 0], [0, 20], [0, 0]]])
+
+
+@pytest.mark.parametrize("size", M.SIZES)
+@pytest.mark.parametrize("shape,k", CASES[:2])
+def test_phase_lenet_equals_xla_lenet(shape, k, size):
+    # Same parameters (names, shapes and init values), same logits and gradients, vmapped over
+    # replicas, in both input geometries (28x28 "SAME" conv1, 32x32 "VALID" conv1).
+    ref, phase = (M.get_model("cnn", shape, k, size=size, conv_impl=c) for c in ("xla", "phase"))
+    keys = jax.random.split(jax.random.key(4), 2)
+    variables = jax.vmap(ref.init)(keys)
+    jax.tree.map(np.testing.assert_array_equal, jax.vmap(phase.init)(keys), variables)
+    x = jax.random.normal(jax.random.key(5), (2, 6) + shape)
+    y = jax.random.randint(jax.random.key(6), (2, 6), 0, k)
+
+    def run(model):
+        fn = jax.value_and_grad(lambda v, x, y: cross_entropy(model, v, x, y)[0])
+        return jax.jit(jax.vmap(fn))(variables, x, y)
+
+    (loss, grad), (ref_loss, ref_grad) = run(phase), run(ref)
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), grad, ref_grad)
+    np.testing.assert_allclose(phase.apply(jax.tree.map(lambda v: v[0], variables), x[0], False)[0],
+                               ref.apply(jax.tree.map(lambda v: v[0], variables), x[0], False)[0], **TOL)
 
 
 def cross_entropy(model, variables, x, y, train=True):
@@ -369,7 +430,8 @@ def test_adam_steps_reduce_the_loss(name):
         (dict(num_classes=1), ">= 2"),
         (dict(num_classes=2.5), ">= 2"),
         (dict(size="large"), "allowed: \\('paper', 'small'\\)"),
-        (dict(conv_impl="cudnn"), "allowed: \\('auto', 'xla', 'patches', 'im2col'\\)"),
+        (dict(conv_impl="cudnn"), "allowed: \\('auto', 'xla', 'patches', 'im2col', 'phase'\\)"),
+        (dict(name="vit", conv_impl="phase"), "allowed for 'vit'"),
     ],
 )
 def test_bad_input_raises_value_error(kwargs, match):
