@@ -76,12 +76,13 @@ Convolution implementations (``conv_impl``), same parameters and paths for all:
              position so the pooling and its gradient are block-wise.
   "auto"     on CPU "phase" for cnn, "patches" for resnet and vit; "xla" on GPU/TPU
              (resolved by ``get_model`` from ``jax.default_backend()``).
-bench/bench_conv.py on the 2-core CPU (quiet machine; LeNet-5, batch 64 per
-replica, Adam; images/s at R = 1 / 16 replicas): plain Flax model 11,600 (R = 1);
-lax.map over replicas: "xla" 2,700 / 2,700, "patches" 15,500 / 16,900, "phase"
-26,000 / 27,100; vmap: "xla" 10,000 / 2,900, "patches" 17,100 / 6,500, "phase"
-17,400 / 8,000. Building conv1's patches with one concatenate of 25 slices took
-687 us, with two of 5 slices 200 us, channels-first 152 us.
+bench/bench_conv.py on the 2-core CPU (one run, quiet machine; LeNet-5, batch 64 per
+replica, Adam step, one dispatch per step; images/s at R = 1 / 16 replicas): plain
+Flax model 11,555 (R = 1); lax.map over replicas: "xla" 2,719 / 2,766, "patches"
+16,019 / 17,020, "phase" 27,829 / 29,638; vmap: "xla" 9,405 / 2,845, "patches"
+16,676 / 6,394, "im2col" 3,475 / 2,436, "phase" 17,456 / 8,259. Building conv1's
+patches with one concatenate of 25 slices took 681 us, with two of 5 slices 226 us,
+channels-first 148 us.
 """
 
 from __future__ import annotations

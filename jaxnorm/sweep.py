@@ -22,10 +22,11 @@ error (pass another ``--out`` or ``--overwrite``). Engine knobs (replicas per de
 dispatch, scan unroll, eval batch, checkpoint interval, data dir) may change between runs.
 
 CPU devices: unless ``--cpu-devices`` or ``XLA_FLAGS`` says otherwise, the CLI splits the host into
-one XLA CPU device per core before JAX starts (``--xla_force_host_platform_device_count``), so the
-engine shards its replicas over the cores: on the 2-core reference machine that trains LeNet-5
-replicas ~13% faster than one 2-thread device (bench/bench_engine.py). It changes nothing where an
-accelerator is the default backend. Results differ from a 1-device run only in the last bits.
+one XLA CPU device per core (at most one per (P, seed) job) before JAX starts
+(``--xla_force_host_platform_device_count``), so the engine shards its replicas over the cores: on
+the 2-core reference machine LeNet-5 replicas trained 1-9% faster than on one 2-thread device
+(bench/bench_engine.py, R = 4..64). It changes nothing where an accelerator is the default backend.
+Results differ from a 1-device run only in the last bits; a run may resume on another device count.
 
 ``--arch perceptron`` runs ``jaxnorm.perceptron_report`` (``--alpha``, ``--out``, ``--quick`` ...).
 """
@@ -130,8 +131,9 @@ def plot(df, path: Path) -> list[str]:
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
-def set_cpu_devices(n: int | None) -> int | None:
-    """Splits the host into ``n`` XLA CPU devices (default: one per available core).
+def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
+    """Splits the host into ``n`` XLA CPU devices (default: one per available core, at most ``jobs``:
+    a device without a replica would only idle and pad the slot array).
 
     Must run before JAX initialises its backends; returns the count set, or None when it was left
     alone (``XLA_FLAGS`` already sets it, or JAX's backends are already up, e.g. in a notebook).
@@ -148,6 +150,7 @@ def set_cpu_devices(n: int | None) -> int | None:
             return None
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, min(n, jobs or n))
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}={n}".strip()
     return n
 
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         ap.error(str(err))
     out = Path(args.out or f"runs/{cfg.arch}_{cfg.dataset}")
     try:
-        set_cpu_devices(args.cpu_devices)
+        set_cpu_devices(args.cpu_devices, jobs=len(cfg.P) * cfg.seeds)
     except ValueError as err:
         ap.error(str(err))
     if args.cache_dir and args.cache_dir.lower() != "none":

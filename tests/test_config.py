@@ -109,7 +109,7 @@ def test_cpu_devices_split_the_host_before_jax_starts():
             "print(n, jax.device_count(), sweep.set_cpu_devices(5))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     cores = len(os.sched_getaffinity(0))
-    for arg, want in (("None", f"{cores} {cores} None"), ("3", "3 3 None")):
+    for arg, want in (("None", f"{cores} {cores} None"), ("3", "3 3 None"), ("None, jobs=1", "1 1 None")):
         out = subprocess.run([sys.executable, "-c", code.format(arg=arg)], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]

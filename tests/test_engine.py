@@ -345,7 +345,8 @@ SCRIPT = textwrap.dedent("""
     from test_engine import synthetic, cfg_of
     from jaxnorm import engine
     cfg = cfg_of(**json.loads(sys.argv[2]))
-    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic())
+    stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic(), stop_after_dispatches=stop)
     print(json.dumps({{"devices": jax.device_count(), **s}}))
 """)
 
@@ -426,6 +427,29 @@ def test_two_devices_default_replica_axis_finishes_and_matches_one_device(base_r
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["devices"] == 2 and info["slots"] == 4
     a, b = _strip(results.load(tmp_path / "run2")), _strip(results.load(out0))
+    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
+        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
+    _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_run_started_on_one_device_resumes_on_two(base_run, tmp_path):
+    # The CLI's default device count is the number of cores: a run begun with another count (an older
+    # version, another machine) must resume with the same rows and numbers to float tolerance.
+    out0, _, _ = base_run
+    script = _script(tmp_path, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    first = subprocess.run([sys.executable, str(script), str(run_dir), json.dumps(dict(checkpoint_epochs=1)), "2"],
+                           env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert '"stopped": true' in first.stdout
+    assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())  # something to resume from
+    rows_before = (run_dir / "results.csv").read_text().count("\n")
+    rest = subprocess.run([sys.executable, str(script), str(run_dir), json.dumps(dict(checkpoint_epochs=1))],
+                          env=_env(2), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert json.loads(rest.stdout.strip().splitlines()[-1])["devices"] == 2
+    assert 1 < rows_before < (run_dir / "results.csv").read_text().count("\n")
+    a, b = _strip(results.load(run_dir)), _strip(results.load(out0))
     assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
         list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
     _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
