@@ -1165,9 +1165,10 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
             lines = "; ".join(f"{k}: {a!r} in the run dir vs {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise RunDirMismatch(f"{str(out)!r} holds a different sweep ({lines}). Use another --out, "
                                  f"or --overwrite to discard it.")
-    out.mkdir(parents=True, exist_ok=True)
+    # Built before the run directory exists: missing data or a bad P leaves no empty directory behind.
     engine = Engine(cfg, out, dataset=dataset, quiet=quiet, devices=devices,
                     stop_after_dispatches=stop_after_dispatches, keep_final=engine_out is not None)
+    out.mkdir(parents=True, exist_ok=True)
     if engine_out is not None:
         engine_out.append(engine)
     ckpt = engine.load_checkpoint() if exists else None

@@ -205,6 +205,15 @@ def test_config_mismatch_with_run_dir_is_a_clear_error(base_run, ds):
         engine.run(cfg_of(), out / "nothing", resume=True, quiet=True, dataset=ds)
 
 
+def test_bad_input_leaves_no_run_directory(ds, tmp_path):
+    # P above the training-set size, and data that is not there: a clear error, nothing written.
+    with pytest.raises(ValueError, match="P values \\[401\\] exceed the 400 training examples"):
+        engine.run(cfg_of(P=[40, 401]), tmp_path / "a", quiet=True, dataset=ds)
+    with pytest.raises(data_lib.DataNotFoundError, match="mnist"):
+        engine.run(cfg_of(dataset="mnist", data_dir=str(tmp_path / "empty")), tmp_path / "b", quiet=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_diverged_replica_is_flagged_and_others_are_untouched(base_run, ds, tmp_path):
     out0, _, _ = base_run
     cfg = cfg_of(lr_overrides=[{"P": 72, "seed": 1, "lr": 1e38}])
