@@ -24,8 +24,8 @@ dispatch, scan unroll, eval batch, checkpoint interval, data dir) may change bet
 CPU devices: unless ``--cpu-devices`` or ``XLA_FLAGS`` says otherwise, the CLI splits the host into
 one XLA CPU device per core (at most one per (P, seed) job) before JAX starts
 (``--xla_force_host_platform_device_count``), so the engine shards its replicas over the cores: on
-the 2-core reference machine LeNet-5 replicas trained 1-9% faster than on one 2-thread device
-(bench/bench_engine.py, R = 4..64). It changes nothing where an accelerator is the default backend.
+the 2-core reference machine LeNet-5 replicas trained 0.95x (R = 4), 1.10x (R = 16) and 1.07x
+(R = 64) as fast as on one 2-thread device (bench/bench_engine.py). It changes nothing where an accelerator is the default backend.
 Results differ from a 1-device run only in the last bits; a run may resume on another device count.
 
 ``--arch perceptron`` runs ``jaxnorm.perceptron_report`` (``--alpha``, ``--out``, ``--quick`` ...).
