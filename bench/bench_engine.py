@@ -10,9 +10,9 @@ Fashion-MNIST, batch 64, Adam, float32, for R = 1, 4, 16, 64 replicas, all measu
                     the replicas' steps, batched by vmap or looped by lax.map inside the dispatch
                     (replica_axis), K steps per dispatch as a lax.scan unrolled U times, conv_impl conv),
                     on one XLA CPU device;
-  engine[...] xN dev  the same with the host split into N = min(cores, R) XLA CPU devices (what
-                    ``python -m jaxnorm.sweep`` does by default on CPU), measured in a child process
-                    (the device count is fixed when JAX starts) during the same run;
+  engine[...] xN dev  the same with the host split into N = min(cores, R) XLA CPU devices
+                    (``python -m jaxnorm.sweep --cpu-devices N``), measured in a child process (the
+                    device count is fixed when JAX starts) during the same run;
   (a) loop-jit      one model at a time, a plain jitted Flax/optax step, one dispatch per step;
   (b) vmap-jit      jax.vmap of that plain step over R models ("xla" convolutions), one dispatch per step;
   (c) torch         a plain PyTorch per-model training loop of the same LeNet-5 (torch.set_num_threads = cores).
@@ -144,6 +144,19 @@ def engine_on_all_cores(R: int, steps: int, synthetic: bool) -> tuple[int, float
         print(out.stderr[-2000:], file=sys.stderr)
         return n, None
     return n, float(out.stdout.strip().splitlines()[-1])
+
+
+def derive(res: dict, peak: float) -> dict:
+    """Adds the ratios to a row of measurements. "engine default" is what ``python -m jaxnorm.sweep``
+    runs on this machine: the default variant on JAX's one CPU device."""
+    default = res[_label(*DEFAULT_VARIANT)]
+    best = max(v for k, v in res.items() if k.startswith("engine[") and v is not None)
+    for name, v in (("engine default", default), ("engine best", best)):
+        res[f"{name} / (b)"] = v / res["(b) vmap-jit"]
+        res[f"{name} / (c)"] = v / res["(c) torch"] if res["(c) torch"] else None
+    res["engine default GFLOP/s"] = default * FLOP_PER_IMAGE / 1e9
+    res["engine default % of peak"] = 100 * default * FLOP_PER_IMAGE / 1e9 / peak
+    return res
 
 
 def _plain_step(model):
@@ -306,15 +319,7 @@ def main(argv=None) -> dict:
         res["(a) loop-jit"] = bench_loop_jit(ds, R, steps)
         res["(b) vmap-jit"] = bench_vmap_jit(ds, R, steps)
         res["(c) torch"] = bench_torch(ds, R, steps)
-        # "engine default" is what `python -m jaxnorm.sweep` runs on this machine: the default
-        # variant on min(cores, R) CPU devices (on one device if the child process failed).
-        default = multi if multi is not None else res[_label(*DEFAULT_VARIANT)]
-        best = max(v for k, v in res.items() if k.startswith("engine") and v is not None)
-        for name, v in (("engine default", default), ("engine best", best)):
-            res[f"{name} / (b)"] = v / res["(b) vmap-jit"]
-            res[f"{name} / (c)"] = v / res["(c) torch"] if res["(c) torch"] else None
-        res["engine default GFLOP/s"] = default * FLOP_PER_IMAGE / 1e9
-        res["engine default % of peak"] = 100 * default * FLOP_PER_IMAGE / 1e9 / peak
+        derive(res, peak)
         rows.append(res)
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
     out = dict(backend=jax.default_backend(), devices=jax.device_count(), cores=os.cpu_count(),

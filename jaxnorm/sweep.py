@@ -21,12 +21,12 @@ Resume: rerunning the same command resumes from the last checkpoint (a finished 
 error (pass another ``--out`` or ``--overwrite``). Engine knobs (replicas per device, steps per
 dispatch, scan unroll, eval batch, checkpoint interval, data dir) may change between runs.
 
-CPU devices: unless ``--cpu-devices`` or ``XLA_FLAGS`` says otherwise, the CLI splits the host into
-one XLA CPU device per core (at most one per (P, seed) job) before JAX starts
-(``--xla_force_host_platform_device_count``), so the engine shards its replicas over the cores: on
-the 2-core reference machine LeNet-5 replicas trained 0.95x (R = 4), 1.10x (R = 16) and 1.07x
-(R = 64) as fast as on one 2-thread device (bench/bench_engine.py). It changes nothing where an accelerator is the default backend.
-Results differ from a 1-device run only in the last bits; a run may resume on another device count.
+CPU devices: ``--cpu-devices N`` splits the host into N XLA CPU devices before JAX starts
+(``--xla_force_host_platform_device_count``; not when ``XLA_FLAGS`` already sets it), so the engine
+shards its replicas over them. Off by default: on the 2-core reference machine 2 devices trained
+LeNet-5 replicas 0.95x (R = 4) to 1.10x (R = 16) as fast as one 2-thread device
+(bench/bench_engine.py), and a 2-device run of sweeps/result_cnn_fashion_mnist.toml hung in an
+evaluation (waiting on the norms' result) several times, while the same run on one device finished.
 
 ``--arch perceptron`` runs ``jaxnorm.perceptron_report`` (``--alpha``, ``--out``, ``--quick`` ...).
 """
@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     ap.add_argument("--cpu-devices", type=int,
-                    help="XLA CPU devices the host is split into (default: one per core; 1 = one device)")
+                    help="split the host into N XLA CPU devices (default: JAX's one CPU device)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                     help=f"persistent XLA compilation cache (default {DEFAULT_CACHE}; 'none' disables)")
     return ap
@@ -132,13 +132,16 @@ CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
-    """Splits the host into ``n`` XLA CPU devices (default: one per available core, at most ``jobs``:
-    a device without a replica would only idle and pad the slot array).
+    """Splits the host into ``n`` XLA CPU devices, at most ``jobs`` (a device without a replica would
+    only idle and pad the slot array); ``n = None`` leaves JAX's default (one CPU device).
 
     Must run before JAX initialises its backends; returns the count set, or None when it was left
-    alone (``XLA_FLAGS`` already sets it, or JAX's backends are already up, e.g. in a notebook).
+    alone (``n`` is None, ``XLA_FLAGS`` already sets it, or JAX's backends are already up, e.g. in a
+    notebook).
     """
-    if n is not None and n < 1:
+    if n is None:
+        return None
+    if n < 1:
         raise ValueError(f"--cpu-devices {n}; allowed: an integer >= 1")
     if CPU_DEVICES_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
@@ -150,9 +153,7 @@ def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
                 return None
         except (ImportError, AttributeError):
             return None
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, min(n, jobs or n))
+    n = max(1, min(n, jobs or n))
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}={n}".strip()
     return n
 
