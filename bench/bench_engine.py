@@ -132,7 +132,7 @@ def _label(K, U, conv, axis) -> str:
 
 def engine_on_all_cores(R: int, steps: int, synthetic: bool) -> tuple[int, float | None]:
     """The default engine variant with the host split into min(cores, R) XLA CPU devices, as
-    ``python -m jaxnorm.sweep`` does (child process); (1, None) when that is one device."""
+    ``python -m jaxnorm.sweep --cpu-devices N`` does (child process); (1, None) when that is one device."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = min(n, R)
     if n == 1:
