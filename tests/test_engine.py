@@ -130,6 +130,14 @@ def _strip(df):
     return df.drop(columns=["wall_time"]).reset_index(drop=True)
 
 
+def _assert_same_run(run_dir, ref_dir, rtol=1e-5, atol=1e-6):
+    """The same rows (P, seed, epoch, step) in the same order, and the same numbers to tolerance."""
+    a, b = _strip(results.load(run_dir)), _strip(results.load(ref_dir))
+    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
+        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
+    _assert_same_numbers(a, b, rtol=rtol, atol=atol)
+
+
 def test_engine_matches_plain_per_replica_loop(base_run, ds):
     out, summary, eng = base_run
     cfg = cfg_of()
@@ -245,10 +253,7 @@ def test_checkpoint_resume_equals_uninterrupted(base_run, ds, tmp_path):
     assert r == {"stopped": True}
     assert (tmp_path / "checkpoints").exists()
     engine.run(cfg, tmp_path, quiet=True, dataset=ds)
-    a, b = _strip(results.load(tmp_path)), _strip(results.load(out0))
-    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
-        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
-    _assert_same_numbers(a, b)
+    _assert_same_run(tmp_path, out0)
 
 
 def test_out_of_device_memory_says_what_to_lower(base_run, ds, tmp_path):
@@ -366,6 +371,13 @@ def _script(tmp_path, cache) -> Path:
     return p
 
 
+def _sweep(script, run_dir, kw: str = "{}", devices: int | None = None, stop: int | None = None,
+           timeout: int = 180) -> subprocess.CompletedProcess:
+    """Runs the sweep script in a fresh interpreter (``devices`` CPU devices, stop after ``stop`` dispatches)."""
+    args = [sys.executable, str(script), str(run_dir), kw] + ([str(stop)] if stop else [])
+    return subprocess.run(args, env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def _env(devices: int | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if devices:
@@ -395,13 +407,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
         time.sleep(0.05)
     proc.wait()
     assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
-    done = subprocess.run([sys.executable, str(script), str(run_dir), kw], env=_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = _sweep(script, run_dir, kw, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = _strip(results.load(run_dir)), _strip(results.load(out0))
-    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
-        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
-    _assert_same_numbers(a, b)
+    _assert_same_run(run_dir, out0)
 
 
 @pytest.mark.slow
@@ -412,15 +420,11 @@ def test_one_and_eight_devices_give_the_same_results(base_run, tmp_path):
     # by vmap; the 1-device reference has R = 4 slots run by lax.map (the CPU default). Different
     # programs, so agreement is to float tolerance, not bits.
     kw = json.dumps(dict(replicas_per_device=1, replica_axis="vmap"))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run8"), kw], env=_env(8), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = _sweep(script, tmp_path / "run8", kw, devices=8, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["devices"] == 8 and info["slots"] == 8
-    a, b = _strip(results.load(tmp_path / "run8")), _strip(results.load(out0))
-    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
-        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
-    _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
+    _assert_same_run(tmp_path / "run8", out0, rtol=RTOL, atol=ATOL)
 
 
 def test_two_devices_default_replica_axis_finishes_and_matches_one_device(base_run, tmp_path):
@@ -430,38 +434,30 @@ def test_two_devices_default_replica_axis_finishes_and_matches_one_device(base_r
     # collective). Default replica axis ("map" on CPU), 2 devices x 2 slots; base_run: 1 device x 4.
     out0, _, _ = base_run
     script = _script(tmp_path, tmp_path / "cache")
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run2"), "{}"], env=_env(2), cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+    done = _sweep(script, tmp_path / "run2", devices=2)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["devices"] == 2 and info["slots"] == 4
-    a, b = _strip(results.load(tmp_path / "run2")), _strip(results.load(out0))
-    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
-        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
-    _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
+    _assert_same_run(tmp_path / "run2", out0, rtol=RTOL, atol=ATOL)
 
 
 def test_run_started_on_one_device_resumes_on_two(base_run, tmp_path):
-    # The CLI's default device count is the number of cores: a run begun with another count (an older
-    # version, another machine) must resume with the same rows and numbers to float tolerance.
+    # `--cpu-devices` may change between a run and its resume (another machine, another choice):
+    # the resumed run must give the same rows and numbers to float tolerance.
     out0, _, _ = base_run
     script = _script(tmp_path, tmp_path / "cache")
     run_dir = tmp_path / "run"
-    first = subprocess.run([sys.executable, str(script), str(run_dir), json.dumps(dict(checkpoint_epochs=1)), "2"],
-                           env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=180)
+    kw = json.dumps(dict(checkpoint_epochs=1))
+    first = _sweep(script, run_dir, kw, devices=1, stop=2)
     assert first.returncode == 0, first.stderr[-3000:]
     assert '"stopped": true' in first.stdout
     assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())  # something to resume from
     rows_before = (run_dir / "results.csv").read_text().count("\n")
-    rest = subprocess.run([sys.executable, str(script), str(run_dir), json.dumps(dict(checkpoint_epochs=1))],
-                          env=_env(2), cwd=REPO, capture_output=True, text=True, timeout=180)
+    rest = _sweep(script, run_dir, kw, devices=2)
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert json.loads(rest.stdout.strip().splitlines()[-1])["devices"] == 2
     assert 1 < rows_before < (run_dir / "results.csv").read_text().count("\n")
-    a, b = _strip(results.load(run_dir)), _strip(results.load(out0))
-    assert list(a[["P", "seed", "epoch", "step"]].itertuples(index=False)) == \
-        list(b[["P", "seed", "epoch", "step"]].itertuples(index=False))
-    _assert_same_numbers(a, b, rtol=RTOL, atol=ATOL)
+    _assert_same_run(run_dir, out0, rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------------
