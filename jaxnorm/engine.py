@@ -70,7 +70,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,6 +85,7 @@ from jaxnorm import config as config_lib
 from jaxnorm import data as data_lib
 from jaxnorm import models as models_lib
 from jaxnorm import norms as norms_lib
+from jaxnorm import rundir
 
 RESULTS_FILE = "results.csv"
 CONFIG_FILE = "config.json"
@@ -1146,13 +1146,25 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
 
     Raises:
       RunDirMismatch: ``out_dir`` holds a run of a different sweep (the message lists the differences).
+      rundir.RunDirLocked: another live process is writing ``out_dir``.
+      rundir.RunDirError: ``out_dir`` is a file, below a file, not writable, or not a jaxnorm run
+        directory (which is never written into nor deleted, ``overwrite`` included).
     """
     out = Path(out_dir)
     config_lib.validate(cfg)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    with rundir.lock(out):  # one writer per run directory: a second copy of the command is refused at once
+        return _run_locked(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, dataset=dataset,
+                           devices=devices, stop_after_dispatches=stop_after_dispatches, engine_out=engine_out)
+
+
+def _run_locked(cfg, out: Path, *, resume, overwrite, quiet, dataset, devices, stop_after_dispatches,
+                engine_out) -> dict:
+    # --overwrite deletes only a jaxnorm run directory, and only after the new config and data are checked.
+    discard = rundir.plan_overwrite(out) if overwrite else None
+    if not overwrite:
+        rundir.check_reusable(out)
     cfg_path = out / CONFIG_FILE
-    exists = cfg_path.exists()
+    exists = cfg_path.exists() and not overwrite
     if resume is True and not exists:
         raise ValueError(f"--resume: {str(out)!r} holds no run to resume (no {CONFIG_FILE})")
     if resume is False and exists:
@@ -1167,6 +1179,8 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
     # Built before the run directory exists: missing data or a bad P leaves no empty directory behind.
     engine = Engine(cfg, out, dataset=dataset, quiet=quiet, devices=devices,
                     stop_after_dispatches=stop_after_dispatches, keep_final=engine_out is not None)
+    if discard is not None:
+        discard()
     out.mkdir(parents=True, exist_ok=True)
     if engine_out is not None:
         engine_out.append(engine)

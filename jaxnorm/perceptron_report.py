@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm import perceptron
+from jaxnorm import cli, perceptron, rundir
 
 __all__ = ["run", "main"]
 
@@ -377,6 +378,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small smoke-test run")
     args = ap.parse_args(argv)
     try:
+        rundir.make_dir(args.out, "--out")  # before minutes of simulation, not after
         summary = run(args.out, alpha=args.alpha, n=args.n, steps=args.steps, seeds=args.seeds,
                       quick=args.quick)
     except ValueError as e:
@@ -386,5 +388,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def _cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.guard(_cli))
