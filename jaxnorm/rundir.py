@@ -90,11 +90,16 @@ def make_dir(path: str | os.PathLike, what: str = "run directory") -> bool:
         or exists but is not writable by this user.
     """
     path = Path(path)
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "is a file" if parent == path else f"is below {str(parent)!r}, which is a file"
-            raise RunDirError(f"{what} {str(path)!r} {where}; allowed: a new or existing directory")
-    if path.is_dir():
+    try:
+        for parent in [path, *path.parents]:
+            if parent.exists() and not parent.is_dir():
+                where = "is a file" if parent == path else f"is below {str(parent)!r}, which is a file"
+                raise RunDirError(f"{what} {str(path)!r} {where}; allowed: a new or existing directory")
+        is_dir = path.is_dir()
+    except PermissionError:  # a parent this user may not enter
+        raise RunDirError(f"cannot access {what} {str(path)!r}: permission denied; allowed: a directory you "
+                          f"can write") from None
+    if is_dir:
         if not os.access(path, os.W_OK | os.X_OK):
             raise RunDirError(f"{what} {str(path)!r} is not writable by this user; allowed: a directory you "
                               f"can write")
