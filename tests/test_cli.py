@@ -251,3 +251,30 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
     assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "Traceback" not in err
     assert not list(out.glob(".lock-*"))  # released
+
+
+@pytest.mark.slow
+def test_same_command_twice_is_refused_and_a_killed_run_does_not_block_its_rerun(tmp_path):
+    # Issue 13 item 3: started twice on one --out, the second copy used to add duplicated rows.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxnorm.sweep", *DEMO, "--p", "250", "--seeds", "1", "--epochs", "10",
+           "--margin-epochs", "10", "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "results.csv").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.startswith(f"error: run directory {str(out)!r} is in use by process {first.pid} on host")
+    finally:
+        first.kill()  # SIGKILL: no chance to release anything
+        first.wait(timeout=60)
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    from jaxnorm import results
+
+    df = results.load(out)
+    epochs = config_lib.resolve(None, None, REPO / "sweeps" / "demo.toml", {"epochs": 10, "margin_epochs": [10]}).eval_epochs()
+    assert sorted(df["epoch"]) == sorted(epochs)  # each evaluation once: no duplicated rows
