@@ -58,7 +58,10 @@ Resume semantics (``run(..., resume=None)``): a run directory that holds a ``con
 resumed from its latest checkpoint when its science fields (everything but
 ``config.ENGINE_KEYS``) equal the requested config; a difference raises ``RunDirMismatch``
 naming the fields. A finished run is a no-op. ``resume=True`` requires an existing run;
-``overwrite=True`` deletes it first.
+``overwrite=True`` replaces it. The run directory is locked for the whole call (``jaxnorm.rundir``:
+a second writer is refused at once, a killed one leaves no stale lock); a directory that is not a
+jaxnorm run is refused, and ``overwrite`` deletes a jaxnorm run only after the new config and data
+have been checked.
 """
 
 from __future__ import annotations
@@ -1176,7 +1179,8 @@ def _run_locked(cfg, out: Path, *, resume, overwrite, quiet, dataset, devices, s
             lines = "; ".join(f"{k}: {a!r} in the run dir vs {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise RunDirMismatch(f"{str(out)!r} holds a different sweep ({lines}). Use another --out, "
                                  f"or --overwrite to discard it.")
-    # Built before the run directory exists: missing data or a bad P leaves no empty directory behind.
+    # Built before anything is written: missing data or a bad P leaves the old run (with --overwrite) or no
+    # directory at all (rundir.lock removes a directory it created that is still empty) behind.
     engine = Engine(cfg, out, dataset=dataset, quiet=quiet, devices=devices,
                     stop_after_dispatches=stop_after_dispatches, keep_final=engine_out is not None)
     if discard is not None:

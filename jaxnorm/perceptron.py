@@ -390,6 +390,12 @@ def _log_softplus(t):
     return jnp.where(t < -15.0, t, jnp.log(jax.nn.softplus(jnp.maximum(t, -15.0))))
 
 
+def _dot(a, b):
+    # Full float32 products: accelerators may otherwise use reduced-precision (e.g. TF32) matmuls, whose
+    # ~1e-3 relative error would put the gradient's round-off floor above the stopping tolerance.
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def fixed_norm_minimizer(data: TeacherData, lam, *, tol: float = 1e-4, max_iter: int = 100, u0=None):
     """Minimizer of ``L_lambda`` (Eq. 1) on the sphere ``|w|^2 = N``, to a stated tolerance; one replica.
 
@@ -432,17 +438,17 @@ def fixed_norm_minimizer(data: TeacherData, lam, *, tol: float = 1e-4, max_iter:
 
     def parts(u, lam):
         """(log f + const, g / f, per-pattern weights sigma(-2x) / sum softplus, x = lam * margins)."""
-        x = lam * (z @ u)
+        x = lam * _dot(z, u)
         t = -2.0 * x
         lse = jax.nn.logsumexp(jnp.where(mask, _log_softplus(t), -jnp.inf))  # log(lam P f)
         w = jnp.where(mask, jnp.exp(jax.nn.log_sigmoid(t) - lse), 0.0)
-        return lse, -2.0 * lam * (w @ z), w, x
+        return lse, -2.0 * lam * _dot(w, z), w, x
 
     def direction(u, g, w, x, lam):
         h = 4.0 * lam * lam * w * jax.nn.sigmoid(2.0 * x)  # V_1''(x) lam^2 / f, per pattern
-        H = (z * h[:, None]).T @ z
+        H = _dot((z * h[:, None]).T, z)
         ug = jnp.dot(u, g)
-        Hu = H @ u
+        Hu = _dot(H, u)
         Hp = H - jnp.outer(Hu, u) - jnp.outer(u, Hu) + jnp.dot(u, Hu) * jnp.outer(u, u)  # P_u H P_u
         # -(u.g) P_u is the sphere's curvature term; clipped at 0 (it can be negative far from the
         # minimizer, e.g. at a Hebb start with many negative margins) plus a tiny ridge, so that the
