@@ -147,6 +147,11 @@ def lock(run_dir: str | os.PathLike, shard: int = 0) -> Iterator[Path]:
                 fd = None
                 raise RunDirLocked(f"run directory {str(run_dir)!r} is in use by {_holder(path)}; wait for it "
                                    f"to finish (or stop it), or pick another --out") from None
+            except OSError as err:  # e.g. ENOLCK: a network filesystem without lock support
+                os.close(fd)
+                fd = None
+                raise RunDirError(f"cannot lock run directory {str(run_dir)!r} ({err.strerror}); allowed: a "
+                                  f"directory on a filesystem with flock support") from None
             # The previous holder unlinks the file on release: if it did so between our open and our
             # flock, we hold a lock on a deleted inode; start again with the file now on disk.
             try:
