@@ -451,7 +451,7 @@ def max_stability_solution(alpha):
     """
     (alpha,) = _prepare(alpha=alpha)
     R, kappa, err = _vmap_flat(_maxstab_scalar, alpha)
-    return MaxStabilitySolution(R, kappa, jnp.arccos(R) / jnp.pi, (err < _CONVERGED) & jnp.isfinite(kappa))
+    return MaxStabilitySolution(R, kappa, jnp.arccos(R) / jnp.pi, err < _CONVERGED)
 
 
 def max_stability_error(alpha):
@@ -484,7 +484,7 @@ def _logistic_scalar(lam, alpha):
     p, err = _logistic_p(lam, alpha, _hebb_guess(alpha))
     theta = jnp.exp(p[1])
     return LogisticSolution(jnp.cos(theta), jnp.exp(p[0]), p[0], theta / jnp.pi,
-                            (err < _CONVERGED) & jnp.isfinite(jnp.exp(p[0])))
+                            (err < _CONVERGED) & jnp.all(jnp.isfinite(p)))
 
 
 def logistic_solution(lam, alpha):
@@ -618,8 +618,9 @@ def _storage_scalar(lam, alpha):
 
     # Hebb-like start: a = x gives x = alpha^(-1/2).
     p, err = _root(fun, jnp.stack([-0.5 * jnp.log(alpha)]))
-    # x = exp(2 lam kappa) overflows at large lam (e.g. lam = 1e6, alpha = 1): not a usable solution.
-    return StorageSolution(jnp.exp(p[0]), p[0], (err < _CONVERGED) & jnp.isfinite(jnp.exp(p[0])))
+    # x = exp(2 lam kappa) may overflow at large lam (lam = 1e6, alpha = 1 gives x = inf); log_x, which is
+    # what the margin densities use, stays finite and is the solution.
+    return StorageSolution(jnp.exp(p[0]), p[0], (err < _CONVERGED) & jnp.isfinite(p[0]))
 
 
 def storage_solution(lam, alpha):

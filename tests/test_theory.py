@@ -280,18 +280,19 @@ def test_optimal_lambda_outside_the_search_range_is_nan():
     assert 4.0 < float(lam[0]) < 5.0 and np.isfinite(eps).all()
 
 
-def test_overflowing_storage_saddle_point_is_not_converged():
-    # x = exp(2 lam kappa) overflows at lam = 1e6, alpha = 1: it used to be flagged converged with x = inf.
-    sol = th.storage_solution(np.array([1e6, 2.0]), 1.0)
-    assert sol.converged.tolist() == [False, True]
-    d, p = th.margin_distribution(np.array([1e6, 2.0]), 1.0, teacher=False)
-    assert np.isnan(np.asarray(p[0])).all() and np.isfinite(np.asarray(p[1])).all()
+def test_saddle_point_far_beyond_the_validated_range_is_converged_and_finite():
+    # lam = 1000-1e6: x = exp(2 lam kappa) overflows to inf, but the solution lives in log x and stays exact
+    # (residual ~1e-16), so it is flagged converged and its eps / margin density are finite.
+    sol = th.logistic_solution(np.array([1000.0]), 1.0)
+    assert bool(sol.converged[0]) and abs(float(sol.eps[0]) - float(th.max_stability_error(1.0))) < 1e-3
+    st = th.storage_solution(np.array([1e6]), 1.0)
+    assert bool(st.converged[0]) and np.isinf(np.asarray(st.x)).all() and np.isfinite(np.asarray(st.log_x)).all()
 
 
 def test_damped_newton_reports_its_residual():
-    # The generic solver returns max|residual|, from which every Solution's `converged` is derived
-    # (the storage case above shows the NaN plumbing): 2 Newton iterations from the Hebb start are not
-    # enough, the default budget is.
+    # The generic solver returns max|residual|, from which every Solution's `converged` (and the NaN of
+    # the eps-returning functions) is derived: 2 Newton iterations from the Hebb start are not enough,
+    # the default budget is.
     fun = lambda p: th._teacher_residual(p, 2.0, 3.0)  # noqa: E731
     solve = jax.jit(th._damped_newton, static_argnums=(0,), static_argnames=("maxiter",))
     assert float(solve(fun, th._hebb_guess(3.0), maxiter=2)[1]) > 1e-10
