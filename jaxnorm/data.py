@@ -515,7 +515,8 @@ def _read_npz(path: Path, name: str) -> _Raw:
     try:
         z = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez") from None
+        raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez "
+                             f"(a jaxnorm_cache file: delete it, it is rebuilt from tfds)") from None
     with z:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
         if missing:
@@ -523,7 +524,8 @@ def _read_npz(path: Path, name: str) -> _Raw:
         try:
             raw = (z["x_train"], z["y_train"], z["x_test"], z["y_test"])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
-            raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez") from None
+            raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez "
+                             f"(a jaxnorm_cache file: delete it, it is rebuilt from tfds)") from None
     _check_raw(name, raw, os.fspath(path))
     return raw
 
