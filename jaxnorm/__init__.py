@@ -8,8 +8,10 @@ Modules (imports flow one way, top to bottom):
   data       MNIST / Fashion-MNIST / CIFAR-10/100 loading and per-replica subsets
   models     CNN (LeNet-5), ResNet and ViT in Flax, vmappable over replicas
   norms      spectral complexity (Bartlett et al. 2017; paper Eq. 2)
+  rundir     run directories: lock, whose directory, late overwrite, results checksum
   engine     vmapped, sharded, checkpointed (P, seed) sweeps; results
   analysis   the fits of Eq. 3-6 and Appendix D; plots; CLIs sweep and analyze
+  cli        the CLIs' edge: a user mistake is one `error:` line (exit 2), Ctrl-C exit 130
   theory     replica theory of the fixed-norm perceptron (Sec. 2, App. A)
   perceptron gradient descent on the teacher-student perceptron
 
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "layout", "data", "models", "norms", "engine", "results", "config",
-    "analysis", "plots", "theory", "perceptron", "perceptron_report",
+    "analysis", "plots", "theory", "perceptron", "perceptron_report", "rundir", "cli",
 )
 
 

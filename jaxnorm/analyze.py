@@ -15,7 +15,9 @@ import os
 import sys
 import warnings
 
-from jaxnorm import analysis
+import pandas as pd
+
+from jaxnorm import analysis, cli, rundir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The CLI; exit code 0, 1 (no group could be analysed), 2 (a user mistake: one ``error:`` line),
+    130 (Ctrl-C)."""
+    return cli.guard(_main, argv, interrupted="interrupted; rerun the same command")
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.p_min is not None and args.p_min <= 0:
         print(f"error: --p-min must be a positive integer, got {args.p_min}", file=sys.stderr)
@@ -44,11 +52,10 @@ def main(argv=None) -> int:
         return 2
     try:
         df = analysis.load_run(args.run_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except pd.errors.ParserError as e:  # pandas names the line, not the file
+        raise ValueError(f"{os.path.join(args.run_dir, 'results.csv')}: not a readable results table ({e})") from None
     out = args.out or os.path.join(args.run_dir, "analysis")
-    os.makedirs(out, exist_ok=True)
+    rundir.make_dir(out, "--out" if args.out else "analysis directory (choose another with --out)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", analysis.AnalysisWarning)
         try:
@@ -93,6 +100,9 @@ def main(argv=None) -> int:
         for w in s.get("warnings", []):
             print(f"{name}: warning: {w}", file=sys.stderr)
     print(f"wrote {out}")
+    if summaries and all("error" in s for s in summaries.values()):
+        print(f"error: no group of {args.run_dir} could be analysed (reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -220,12 +220,7 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
                 raise ValueError(f"margin_epochs={value!r}; allowed: a list of integers >= 0")
             out[key] = tuple(sorted(set(int(e) for e in value)))
         elif key == "lr_overrides":
-            rows = []
-            for item in value:
-                if not isinstance(item, dict) or set(item) != {"P", "seed", "lr"}:
-                    raise ValueError(f"lr_overrides entry {item!r}; allowed: a table with keys P, seed, lr")
-                rows.append((int(item["P"]), int(item["seed"]), float(item["lr"])))
-            out[key] = tuple(rows)
+            out[key] = _lr_overrides(value)
         elif types[key] is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{key}={value!r}; allowed: a number")
@@ -245,6 +240,24 @@ def from_dict(d: dict[str, Any]) -> SweepConfig:
     cfg = dataclasses.replace(defaults, **out)
     validate(cfg)
     return cfg
+
+
+def _lr_overrides(value: Any) -> tuple[tuple[int, int, float], ...]:
+    allowed = "a list of tables {P = int, seed = int, lr = positive number}, e.g. [{P = 500, seed = 0, lr = 0.01}]"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"lr_overrides={value!r}; allowed: {allowed}")
+    rows = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"P", "seed", "lr"}:
+            raise ValueError(f"lr_overrides entry {item!r}; allowed: a table with keys P, seed, lr")
+        for k, kinds in (("P", (int,)), ("seed", (int,)), ("lr", (int, float))):
+            if isinstance(item[k], bool) or not isinstance(item[k], kinds):
+                raise ValueError(f"lr_overrides entry {item!r}: {k}={item[k]!r}; allowed: "
+                                 f"{'an integer' if k != 'lr' else 'a positive number'}")
+        if not (item["lr"] > 0 and math.isfinite(item["lr"])):
+            raise ValueError(f"lr_overrides entry {item!r}: lr={item['lr']!r}; allowed: a positive finite number")
+        rows.append((item["P"], item["seed"], float(item["lr"])))
+    return tuple(rows)
 
 
 def validate(cfg: SweepConfig) -> None:
@@ -295,11 +308,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} is not a file; allowed: a TOML file such as sweeps/demo.toml")
     with open(path, "rb") as f:
         try:
             return tomllib.load(f)
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:  # tomllib decodes the whole file first
+            raise ValueError(f"config file {str(path)!r} is not a text (UTF-8 TOML) file: byte "
+                             f"{err.object[err.start:err.start + 1]!r} at offset {err.start}") from None
 
 
 def resolve(arch: str | None = None, dataset: str | None = None, file: str | Path | None = None,

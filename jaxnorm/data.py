@@ -61,6 +61,8 @@ import os
 import pickle
 import tarfile
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -182,15 +184,21 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *, normalization:
 
     Raises:
       ValueError: unknown `name` or `normalization`, or a present source with malformed content.
-      DataNotFoundError: no source holds the dataset (the message lists paths tried and remedies).
+      DataNotFoundError: no source holds the dataset (the message lists paths tried and remedies), or
+        `data_dir` (or ``$JAXNORM_DATA_DIR``) is not an existing folder.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)} (DATASETS)")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    given = "data_dir"
     if data_dir is None or os.fspath(data_dir) == "":
-        data_dir = os.environ.get(DATA_DIR_ENV) or None
+        data_dir, given = os.environ.get(DATA_DIR_ENV) or None, f"${DATA_DIR_ENV}"
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    if root is not None and not root.is_dir():  # never fall back to another copy behind the user's back
+        raise DataNotFoundError(f"dataset {name!r}: {given} {os.fspath(root)!r} (CLIs: --data-dir) is not an existing "
+                                f"folder; allowed: "
+                                f"a folder holding the data (see jaxnorm.data), or none for the default sources")
 
     tried: list[str] = []
     for source in (_from_tfds, _from_local, _from_debian):
@@ -369,26 +377,51 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Returns:
       array of shape (size_0, ..., size_{d-1}); uint8 files come back as a read-only view of the bytes.
 
+    The content decides, not the name: a gzip stream (magic ``1f 8b``) is decompressed whatever the
+    file is called, and a file named ``.gz`` that already holds raw IDX bytes is read as such.
+
     Raises:
-      ValueError: bad magic number, unknown type byte or a size that does not match the header.
+      ValueError: naming the file: not gzip nor IDX (e.g. an HTML error page saved by a failed
+        download), a damaged or truncated gzip stream, an unknown type byte, a header cut short, or
+        sizes that do not match the data.
     """
     path = Path(path)
     blob = path.read_bytes()
-    if path.suffix == ".gz" or blob[:2] == b"\x1f\x8b":
-        blob = gzip.decompress(blob)
+    if blob[:2] == _GZIP_MAGIC:
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+            raise ValueError(f"{path} is a damaged or truncated gzip file ({err}); delete it and download it "
+                             f"again") from None
     if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic {blob[:4].hex()!r}; expected 0000 + type byte in "
-                         f"{sorted(hex(k) for k in _IDX_DTYPES)} + ndim)")
+        raise ValueError(f"{path} is neither gzip nor an IDX file ({_sniff(blob)}; expected the bytes 00 00, a type "
+                         f"byte in {sorted(hex(k) for k in _IDX_DTYPES)} and ndim)")
     dtype = np.dtype(_IDX_DTYPES[blob[2]])
     ndim = blob[3]
-    shape = tuple(int(s) for s in np.frombuffer(blob, ">u4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
+    if len(blob) < offset:
+        raise ValueError(f"{path}: truncated IDX header ({len(blob)} bytes; {ndim} dimensions need {offset})")
+    shape = tuple(int(s) for s in np.frombuffer(blob, ">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(blob) - offset != expected:
         raise ValueError(f"{path}: header says shape {shape} of {dtype} ({expected} bytes) but the file holds "
                          f"{len(blob) - offset} data bytes")
     arr = np.frombuffer(blob, dtype, offset=offset).reshape(shape)
     return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder("="))
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
+
+
+def _sniff(blob: bytes) -> str:
+    """A short description of what a file that is not the expected format starts with."""
+    head = blob[:64].lstrip().lower()
+    if not blob:
+        return "the file is empty"
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "it is an HTML/XML page, e.g. the error page of a failed download"
+    return f"it starts with {blob[:8].hex(' ')}"
 
 
 def _idx_files(folder: Path) -> dict[str, Path] | None:
@@ -408,7 +441,13 @@ def _idx_files(folder: Path) -> dict[str, Path] | None:
 
 
 def _read_idx_dir(files: dict[str, Path], name: str) -> _Raw:
-    raw = tuple(read_idx(files[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    try:
+        raw = tuple(read_idx(files[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    except ValueError as err:
+        hint = f"delete the file and download a good copy from {_IDX_URL[name]}"
+        if files["x_train"].parent == DEBIAN_FASHION_MNIST_DIR:
+            hint = "reinstall it: apt-get install --reinstall dataset-fashion-mnist"
+        raise ValueError(f"{err}. To fix: {hint} (gunzip -t FILE checks a .gz)") from None
     _check_raw(name, raw, f"IDX files in {files['x_train'].parent}")
     return raw
 
@@ -468,11 +507,25 @@ def _read_cifar(name: str, path: Path) -> _Raw:
 
 
 def _read_npz(path: Path, name: str) -> _Raw:
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(_ZIP_MAGIC):  # np.load would blame allow_pickle for any non-zip file
+        raise ValueError(f"{path} is not a .npz (zip) archive ({_sniff(head)}); write it with "
+                         f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez "
+                             f"(a jaxnorm_cache file: delete it, it is rebuilt from tfds)") from None
+    with z:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
         if missing:
             raise ValueError(f"{path} lacks arrays {missing}; it must hold x_train, y_train, x_test, y_test")
-        raw = (z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+        try:
+            raw = (z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+            raise ValueError(f"{path} is a damaged .npz archive ({err}); write it again with numpy.savez "
+                             f"(a jaxnorm_cache file: delete it, it is rebuilt from tfds)") from None
     _check_raw(name, raw, os.fspath(path))
     return raw
 

@@ -58,7 +58,10 @@ Resume semantics (``run(..., resume=None)``): a run directory that holds a ``con
 resumed from its latest checkpoint when its science fields (everything but
 ``config.ENGINE_KEYS``) equal the requested config; a difference raises ``RunDirMismatch``
 naming the fields. A finished run is a no-op. ``resume=True`` requires an existing run;
-``overwrite=True`` deletes it first.
+``overwrite=True`` replaces it. The run directory is locked for the whole call (``jaxnorm.rundir``:
+a second writer is refused at once, a killed one leaves no stale lock); a directory that is not a
+jaxnorm run is refused, and ``overwrite`` deletes a jaxnorm run only after the new config and data
+have been checked.
 """
 
 from __future__ import annotations
@@ -70,7 +73,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,6 +88,7 @@ from jaxnorm import config as config_lib
 from jaxnorm import data as data_lib
 from jaxnorm import models as models_lib
 from jaxnorm import norms as norms_lib
+from jaxnorm import rundir
 
 RESULTS_FILE = "results.csv"
 CONFIG_FILE = "config.json"
@@ -1146,13 +1149,25 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
 
     Raises:
       RunDirMismatch: ``out_dir`` holds a run of a different sweep (the message lists the differences).
+      rundir.RunDirLocked: another live process is writing ``out_dir``.
+      rundir.RunDirError: ``out_dir`` is a file, below a file, not writable, or not a jaxnorm run
+        directory (which is never written into nor deleted, ``overwrite`` included).
     """
     out = Path(out_dir)
     config_lib.validate(cfg)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    with rundir.lock(out):  # one writer per run directory: a second copy of the command is refused at once
+        return _run_locked(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, dataset=dataset,
+                           devices=devices, stop_after_dispatches=stop_after_dispatches, engine_out=engine_out)
+
+
+def _run_locked(cfg, out: Path, *, resume, overwrite, quiet, dataset, devices, stop_after_dispatches,
+                engine_out) -> dict:
+    # --overwrite deletes only a jaxnorm run directory, and only after the new config and data are checked.
+    discard = rundir.plan_overwrite(out) if overwrite else None
+    if not overwrite:
+        rundir.check_reusable(out)
     cfg_path = out / CONFIG_FILE
-    exists = cfg_path.exists()
+    exists = cfg_path.exists() and not overwrite
     if resume is True and not exists:
         raise ValueError(f"--resume: {str(out)!r} holds no run to resume (no {CONFIG_FILE})")
     if resume is False and exists:
@@ -1164,9 +1179,12 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
             lines = "; ".join(f"{k}: {a!r} in the run dir vs {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise RunDirMismatch(f"{str(out)!r} holds a different sweep ({lines}). Use another --out, "
                                  f"or --overwrite to discard it.")
-    # Built before the run directory exists: missing data or a bad P leaves no empty directory behind.
+    # Built before anything is written: missing data or a bad P leaves the old run (with --overwrite) or no
+    # directory at all (rundir.lock removes a directory it created that is still empty) behind.
     engine = Engine(cfg, out, dataset=dataset, quiet=quiet, devices=devices,
                     stop_after_dispatches=stop_after_dispatches, keep_final=engine_out is not None)
+    if discard is not None:
+        discard()
     out.mkdir(parents=True, exist_ok=True)
     if engine_out is not None:
         engine_out.append(engine)

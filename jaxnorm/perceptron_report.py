@@ -5,14 +5,14 @@
 * ``fig1_free_norm.{png,pdf}`` -- paper Fig. 1: the free-norm GD trajectory ``eps`` vs
   ``lambda(t) = |w(t)|/sqrt(N)`` (coloured by step t, log colour scale; thin lines: seeds; thick:
   seed average at equal t) over the replica curve ``eps(lambda)`` of the fixed-norm problem, with
-  finite-N fixed-norm minimizers (projected GD on the sphere) as open circles and horizontal lines
+  finite-N fixed-norm minimizers (Riemannian Newton on the sphere) as open circles and horizontal lines
   at the Hebb, Bayes and maximal-stability errors.
 * ``fig2_scaling.{png,pdf}`` -- paper Fig. 2: (a) ``eps(lambda)`` for several alphas with stars at
   ``(lambda_opt, eps_opt)``; (b) ``eps/eps_opt`` vs ``lambda/lambda_opt``, insets
   ``lambda_opt(alpha)`` and ``eps_opt(alpha)`` on log-log axes with power-law fits.
 * ``fig6_margins.{png,pdf}`` -- paper Fig. 6 (left): replica margin distributions ``P(Delta)`` of
   the storage problem (random labels) at alpha = 0.4 for several lambda (lines), over histograms
-  of the training margins of finite-N fixed-norm minimizers (projected GD, N = 1000).
+  of the training margins of finite-N fixed-norm minimizers (Riemannian Newton, N = 1000).
 * data: ``free_norm.npz`` + ``free_norm.csv`` (one row per seed and recorded step),
   ``fixed_norm_sim.csv``, ``theory_eps_lambda.csv`` (all alphas of Fig. 1 and 2),
   ``theory_optimum.csv``, ``margins.npz``, ``summary.json``.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm import perceptron
+from jaxnorm import cli, perceptron, rundir
 
 __all__ = ["run", "main"]
 
@@ -114,7 +115,7 @@ def _fig1(free, theory_lams, theory_eps, fixed, lines, alpha, n):
             label=r"fixed norm, replica theory ($N\to\infty$)")
     if fixed is not None:
         ax.plot(fixed.lams, fixed.eps.mean(1), "o", mfc="none", mec="tab:blue", mew=1.3, ms=6,
-                zorder=4, label=f"fixed norm, projected GD (N={fixed.n})")
+                zorder=4, label=f"fixed norm, minimizer (N={fixed.n})")
     steps = free.steps.astype(float)
     norm = LogNorm(vmin=steps[0], vmax=steps[-1])
     cmap = plt.get_cmap("plasma")
@@ -221,7 +222,7 @@ def _fig6(margins, alpha, storage=None):
                     color=c, lw=0.7, alpha=0.8, zorder=2)
     if storage is not None:
         ax.plot([], [], color="0.5", lw=6, alpha=0.3,
-                label=f"projected GD, N={storage.n}\n({storage.margins.shape[1]} seeds)")
+                label=f"minimizers, N={storage.n}\n({storage.margins.shape[1]} seeds)")
     peaks = sorted(p.max() for _, p in margins.values())
     top = 1.3 * peaks[-2] if len(peaks) > 1 else 1.1 * peaks[-1]
     for c, lam in zip(colors, lams_):  # the sharpest (largest-lambda) peaks leave the frame
@@ -273,10 +274,10 @@ def run(out_dir: str, alpha: float = 5.0, n: int = 256, steps: int = 1_000_000, 
     if quick:
         n, steps, seeds = min(n, 64), min(steps, 2000), min(seeds, 2)
         n_lam, fig2_alphas, inset_alphas, fig6_lams = 12, (1.0, 5.0, 20.0), (1.0, 5.0, 20.0), (0.5, 5.0)
-        fixed_lams, fixed_steps, num_grid, n_storage = (0.5, 2.0), 300, 9, 100
+        fixed_lams, num_grid, n_storage = (0.5, 2.0), 9, 100
     else:
         n_lam, fig2_alphas, inset_alphas, fig6_lams = 100, FIG2_ALPHAS, INSET_ALPHAS, FIG6_LAMS
-        fixed_lams, fixed_steps, num_grid, n_storage = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), 3000, 25, 1000
+        fixed_lams, num_grid, n_storage = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), 25, 1000
     alpha = float(alpha)
     os.makedirs(out_dir, exist_ok=True)
     base = jax.random.key(int(key))
@@ -287,10 +288,9 @@ def run(out_dir: str, alpha: float = 5.0, n: int = 256, steps: int = 1_000_000, 
     free = perceptron.simulate_free_norm(base, n, [alpha], n_seeds=seeds, steps=steps)
     timings["free_norm_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fixed = perceptron.simulate_fixed_norm(base, n, alpha, fixed_lams, n_seeds=seeds,
-                                           steps=fixed_steps)
+    fixed = perceptron.simulate_fixed_norm(base, n, alpha, fixed_lams, n_seeds=seeds)
     storage = perceptron.simulate_fixed_norm(base, n_storage, FIG6_ALPHA, fig6_lams, n_seeds=seeds,
-                                             steps=fixed_steps, random_labels=True)
+                                             random_labels=True)
     timings["fixed_norm_s"] = time.perf_counter() - t0
 
     # --- replica theory (float64) --------------------------------------------------------
@@ -377,6 +377,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small smoke-test run")
     args = ap.parse_args(argv)
     try:
+        rundir.make_dir(args.out, "--out")  # before minutes of simulation, not after
         summary = run(args.out, alpha=args.alpha, n=args.n, steps=args.steps, seeds=args.seeds,
                       quick=args.quick)
     except ValueError as e:
@@ -386,5 +387,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def _cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.guard(_cli))

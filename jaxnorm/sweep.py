@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxnorm import cli
 from jaxnorm import config as config_lib
 
 ARCH_CHOICES = config_lib.ARCHS + ("perceptron",)
@@ -159,6 +160,11 @@ def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
 
 
 def main(argv=None) -> int:
+    """The CLI; returns the exit code: 0, 2 (a user mistake: one ``error:`` line), 130 (Ctrl-C)."""
+    return cli.guard(_main, argv)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--arch")

@@ -118,6 +118,7 @@ _SQRT2PI = math.sqrt(2.0 * math.pi)
 _MIN_BATCH = 8  # smallest padded batch: scalars and small arrays share one compiled program
 _TOL = 1e-12  # Newton stops when max |residual| (log-ratios, i.e. relative errors) is below this.
 _MAXITER = 100  # counts backtracking steps too; typical solves take 5-8
+_CONVERGED = 1e-10  # max |residual| below which a solution is reported as converged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,12 +451,14 @@ def max_stability_solution(alpha):
     """
     (alpha,) = _prepare(alpha=alpha)
     R, kappa, err = _vmap_flat(_maxstab_scalar, alpha)
-    return MaxStabilitySolution(R, kappa, jnp.arccos(R) / jnp.pi, err < 1e-10)
+    return MaxStabilitySolution(R, kappa, jnp.arccos(R) / jnp.pi, err < _CONVERGED)
 
 
 def max_stability_error(alpha):
-    """eps of the maximal-stability perceptron (~0.5005/alpha at large alpha). Shape of alpha."""
-    return max_stability_solution(alpha).eps
+    """eps of the maximal-stability perceptron (~0.5005/alpha at large alpha). Shape of alpha; NaN where
+    the saddle point did not converge (see ``max_stability_solution(...).converged``)."""
+    sol = max_stability_solution(alpha)
+    return jnp.where(sol.converged, sol.eps, jnp.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +483,8 @@ def _logistic_p(lam, alpha, p0):
 def _logistic_scalar(lam, alpha):
     p, err = _logistic_p(lam, alpha, _hebb_guess(alpha))
     theta = jnp.exp(p[1])
-    return LogisticSolution(jnp.cos(theta), jnp.exp(p[0]), p[0], theta / jnp.pi, err < 1e-10)
+    return LogisticSolution(jnp.cos(theta), jnp.exp(p[0]), p[0], theta / jnp.pi,
+                            (err < _CONVERGED) & jnp.all(jnp.isfinite(p)))
 
 
 def logistic_solution(lam, alpha):
@@ -500,14 +504,16 @@ def logistic_solution(lam, alpha):
 def logistic_error(lam, alpha):
     """Generalization error eps(lam, alpha) = arccos(R)/pi of the fixed-norm logistic perceptron.
 
-    Args: lam, alpha: array-like, > 0, broadcast together.  Returns: eps with the broadcast shape.
+    Args: lam, alpha: array-like, > 0, broadcast together.  Returns: eps with the broadcast shape; NaN
+    where the saddle point did not converge (see ``logistic_solution(...).converged``).
     """
-    return logistic_solution(lam, alpha).eps
+    sol = logistic_solution(lam, alpha)
+    return jnp.where(sol.converged, sol.eps, jnp.nan)
 
 
 def _eps_aux(loglam, alpha, p0):
-    p, _ = _logistic_p(jnp.exp(loglam), alpha, p0)
-    return jnp.exp(p[1]) / jnp.pi, jax.lax.stop_gradient(p)
+    p, err = _logistic_p(jnp.exp(loglam), alpha, p0)
+    return jnp.exp(p[1]) / jnp.pi, (jax.lax.stop_gradient(p), jax.lax.stop_gradient(err))
 
 
 # (eps, p), d eps / d log lam; the gradient goes through custom_root (implicit function theorem).
@@ -523,21 +529,22 @@ def _optimal_scalar(alpha, grid, iters):
     G = grid.shape[0]
 
     def body(k, st):
-        eg, gg, a, b, ga, gb, side, mb, eb, p = st
+        eg, gg, rg, a, b, ga, gb, side, mb, eb, rb, p = st
         # Bracket the grid minimum once the scan is complete (k == G).
         i = jnp.clip(jnp.argmin(eg), 1, G - 2)
         init = k == G
         a, b = jnp.where(init, grid[i - 1], a), jnp.where(init, grid[i + 1], b)
         ga, gb = jnp.where(init, gg[i - 1], ga), jnp.where(init, gg[i + 1], gb)
-        mb, eb = jnp.where(init, grid[i], mb), jnp.where(init, eg[i], eb)
+        mb, eb, rb = jnp.where(init, grid[i], mb), jnp.where(init, eg[i], eb), jnp.where(init, rg[i], rb)
         side = jnp.where(init, 0, side)
         m = jnp.where(ga * gb < 0, (a * gb - b * ga) / (gb - ga), 0.5 * (a + b))
         m = jnp.clip(m, jnp.minimum(a, b), jnp.maximum(a, b))
         scan = k < G
         m = jnp.where(scan, grid[jnp.minimum(k, G - 1)], m)
-        (em, p), gm = _eps_and_slope(m, alpha, p)
+        (em, (p, rm)), gm = _eps_and_slope(m, alpha, p)
         eg = jnp.where(scan, eg.at[jnp.minimum(k, G - 1)].set(em), eg)
         gg = jnp.where(scan, gg.at[jnp.minimum(k, G - 1)].set(gm), gg)
+        rg = jnp.where(scan, rg.at[jnp.minimum(k, G - 1)].set(rm), rg)
         left = ga * gm > 0  # the sign change lies in [m, b]
         a2, ga2 = jnp.where(left, m, a), jnp.where(left, gm, ga)
         b2, gb2 = jnp.where(left, b, m), jnp.where(left, gb, gm)
@@ -546,15 +553,19 @@ def _optimal_scalar(alpha, grid, iters):
         ga2 = jnp.where(~left & (side == -1), 0.5 * ga2, ga2)
         better = (~scan) & (em < eb)
         keep = lambda new, old: jnp.where(scan, old, new)
-        return (eg, gg, keep(a2, a), keep(b2, b), keep(ga2, ga), keep(gb2, gb),
+        return (eg, gg, rg, keep(a2, a), keep(b2, b), keep(ga2, ga), keep(gb2, gb),
                 keep(jnp.where(left, 1, -1), side), jnp.where(better, m, mb),
-                jnp.where(better, em, eb), p)
+                jnp.where(better, em, eb), jnp.where(better, rm, rb), p)
 
     z = jnp.zeros(())
-    init = (jnp.full((G,), jnp.inf), jnp.zeros((G,)), z, z, z, z, 0, z, jnp.inf,
-            _hebb_guess(alpha))
+    init = (jnp.full((G,), jnp.inf), jnp.zeros((G,)), jnp.full((G,), jnp.inf), z, z, z, z, 0, z, jnp.inf,
+            jnp.inf, _hebb_guess(alpha))
     st = jax.lax.fori_loop(0, G + iters, body, init)
-    return jnp.exp(st[7]), st[8]
+    # A minimum on the edge of the grid is not bracketed, and an unconverged saddle point is not eps:
+    # neither is returned as the optimum.
+    i = jnp.argmin(st[0])
+    ok = (i > 0) & (i < G - 1) & (st[10] < _CONVERGED)
+    return jnp.where(ok, jnp.exp(st[8]), jnp.nan), jnp.where(ok, st[9], jnp.nan)
 
 
 _OPT_ITERS = 12
@@ -577,7 +588,8 @@ def optimal_lambda(alpha, lam_range=(0.01, 1000.0), num_grid=13):
       lam_range: (lo, hi) searched on a log grid of num_grid points before refining with
         regula falsi on d eps / d log lam (the minimum must lie strictly inside the range).
     Returns:
-      (lam_opt, eps_opt), each with the shape of alpha.
+      (lam_opt, eps_opt), each with the shape of alpha; NaN where the minimum is not inside
+      lam_range (the grid minimum is at an end) or its saddle point did not converge.
     """
     (alpha,) = _prepare(alpha=alpha)
     return _vmap_flat(_optimal_batch_fn(num_grid, float(lam_range[0]), float(lam_range[1])), alpha)
@@ -606,7 +618,9 @@ def _storage_scalar(lam, alpha):
 
     # Hebb-like start: a = x gives x = alpha^(-1/2).
     p, err = _root(fun, jnp.stack([-0.5 * jnp.log(alpha)]))
-    return StorageSolution(jnp.exp(p[0]), p[0], err < 1e-10)
+    # x = exp(2 lam kappa) may overflow at large lam (lam = 1e6, alpha = 1 gives x = inf); log_x, which is
+    # what the margin densities use, stays finite and is the solution.
+    return StorageSolution(jnp.exp(p[0]), p[0], (err < _CONVERGED) & jnp.isfinite(p[0]))
 
 
 def storage_solution(lam, alpha):
@@ -633,11 +647,12 @@ def _log_density(D, lam, u, R, teacher):
 
 
 def _margin_params(lam, alpha, teacher):
+    """(log x, R) of the saddle point; NaN where it did not converge, so the densities are NaN there."""
     if teacher:
         sol = logistic_solution(lam, alpha)
-        return sol.log_x, sol.R
+        return jnp.where(sol.converged, sol.log_x, jnp.nan), sol.R
     sol = storage_solution(lam, alpha)
-    return sol.log_x, jnp.zeros_like(sol.log_x)
+    return jnp.where(sol.converged, sol.log_x, jnp.nan), jnp.zeros_like(sol.log_x)
 
 
 def margin_density(D, lam, alpha, teacher=True):
@@ -648,7 +663,7 @@ def margin_density(D, lam, alpha, teacher=True):
       lam, alpha: scalars or arrays broadcast together (shape S).
       teacher: True for teacher labels (Eq. 16), False for the storage problem (Eq. 17).
     Returns:
-      P with shape S + D.shape.
+      P with shape S + D.shape; NaN where the saddle point did not converge.
     """
     u, R = _margin_params(lam, alpha, teacher)
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float64), u.shape)
@@ -668,7 +683,7 @@ def margin_distribution(lam, alpha, teacher=True, num=513, t_max=6.0):
       teacher: True for Eq. 16 (teacher labels), False for Eq. 17 (storage, random labels).
       num: number of grid points; t_max: range of the t grid.
     Returns:
-      (D, P): arrays of shape S + (num,), D increasing.
+      (D, P): arrays of shape S + (num,), D increasing; NaN where the saddle point did not converge.
     """
     u, R = _margin_params(lam, alpha, teacher)
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float64), u.shape)[..., None]

@@ -190,12 +190,58 @@ def test_read_idx_decodes_big_endian_types(tmp_path, type_byte, dtype):
 
 def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="not an IDX file"):
+    with pytest.raises(ValueError, match="neither gzip nor an IDX file"):
         data.read_idx(tmp_path / "bad")
     write_idx(tmp_path / "ok", np.zeros((3, 4), np.uint8))
     (tmp_path / "short").write_bytes((tmp_path / "ok").read_bytes()[:-1])
     with pytest.raises(ValueError, match=r"shape \(3, 4\).*11 data bytes"):
         data.read_idx(tmp_path / "short")
+
+
+def test_truncated_idx_header_names_the_file(tmp_path):
+    (tmp_path / "hdr").write_bytes(bytes([0, 0, 0x08, 3]) + b"\x00\x00\x00\x05")  # 3 dims, 1 size given
+    with pytest.raises(ValueError, match=f"{tmp_path / 'hdr'}: truncated IDX header \\(8 bytes; 3 dimensions need 16\\)"):
+        data.read_idx(tmp_path / "hdr")
+
+
+def test_idx_format_is_decided_by_magic_bytes_not_by_name(tmp_path):
+    # A file already gunzipped but still called .gz is valid IDX; a gzip stream without .gz is decompressed.
+    arrays = write_mnist_dir(tmp_path / "raw", np.random.default_rng(7), gz=False)
+    (tmp_path / "mnist").mkdir()
+    for f in (tmp_path / "raw").iterdir():
+        blob = f.read_bytes()
+        if f.name.startswith("train"):
+            (tmp_path / "mnist" / (f.name + ".gz")).write_bytes(blob)  # named .gz, not compressed
+        else:
+            (tmp_path / "mnist" / f.name).write_bytes(gzip.compress(blob))  # compressed, no .gz
+    ds = data.load("mnist", data_dir=tmp_path, normalization="unit")
+    np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
+    np.testing.assert_array_equal(ds.y_test, arrays["y_test"])
+    np.testing.assert_allclose(ds.x_test[..., 0] * 255, arrays["x_test"], atol=1e-4)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda blob: b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "HTML/XML page"),
+    (lambda blob: gzip.compress(blob)[:200], "damaged or truncated gzip file"),
+    (lambda blob: b"", "the file is empty"),
+])
+def test_bad_download_names_the_file_and_how_to_get_a_good_copy(tmp_path, damage, match):
+    write_mnist_dir(tmp_path / "mnist", np.random.default_rng(8), gz=True)
+    bad = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(damage(gzip.decompress(bad.read_bytes())))
+    with pytest.raises(ValueError) as exc:
+        data.load("mnist", data_dir=tmp_path)
+    msg = str(exc.value)
+    assert msg.startswith(str(bad)) and match in msg, msg
+    assert "download a good copy from https://storage.googleapis.com/cvdf-datasets/mnist/" in msg
+
+
+def test_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    with pytest.raises(data.DataNotFoundError, match="data_dir '/nonexistent' .* is not an existing folder"):
+        data.load("fashion_mnist", data_dir="/nonexistent")  # the Debian copy is installed, and not used
+    monkeypatch.setenv(data.DATA_DIR_ENV, os.fspath(tmp_path / "gone"))
+    with pytest.raises(data.DataNotFoundError, match=r"\$JAXNORM_DATA_DIR .*gone"):
+        data.load("fashion_mnist")
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -313,6 +359,17 @@ def test_malformed_npz_raises_rather_than_falling_back(tmp_path, bad, match):
     np.savez(tmp_path / "mnist.npz", **arrays)
     with pytest.raises(ValueError, match=match):
         data.load("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("cut, match", [(None, "is not a .npz \\(zip\\) archive"), (300, "is a damaged .npz archive")])
+def test_corrupt_npz_names_the_file_instead_of_blaming_allow_pickle(tmp_path, cut, match):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.array([0, 1]),
+             x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.array([0]))
+    blob = (tmp_path / "mnist.npz").read_bytes()
+    (tmp_path / "mnist.npz").write_bytes(b"\x93NUMPY garbage" + blob if cut is None else blob[:cut])
+    with pytest.raises(ValueError, match=match) as exc:
+        data.load("mnist", data_dir=tmp_path)
+    assert str(tmp_path / "mnist.npz") in str(exc.value) and "allow_pickle" not in str(exc.value)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -264,3 +264,36 @@ def test_margin_distribution_grid_and_storage_saddle():
     assert np.all(np.diff(np.asarray(D), axis=-1) > 0)
     # lam -> 0: Delta_0 = t + x and the storage equation 1 = alpha x^2 gives x = alpha^(-1/2).
     assert abs(float(th.storage_solution(1e-5, 0.4).x) - 0.4 ** -0.5) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Unconverged answers are flagged, never returned as if they were the solution (issue 13, item 9)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_optimal_lambda_outside_the_search_range_is_nan():
+    # At alpha = 5 the optimum is lam ~ 4.5; a range that stops at 0.1 does not bracket it: before,
+    # the grid's edge (0.09999) came back as "the optimum".
+    lam, eps = th.optimal_lambda(np.array([5.0]), lam_range=(0.01, 0.1))
+    assert np.isnan(lam).all() and np.isnan(eps).all()
+    lam, eps = th.optimal_lambda(np.array([5.0]))
+    assert 4.0 < float(lam[0]) < 5.0 and np.isfinite(eps).all()
+
+
+def test_saddle_point_far_beyond_the_validated_range_is_converged_and_finite():
+    # lam = 1000-1e6: x = exp(2 lam kappa) overflows to inf, but the solution lives in log x and stays exact
+    # (residual ~1e-16), so it is flagged converged and its eps / margin density are finite.
+    sol = th.logistic_solution(np.array([1000.0]), 1.0)
+    assert bool(sol.converged[0]) and abs(float(sol.eps[0]) - float(th.max_stability_error(1.0))) < 1e-3
+    st = th.storage_solution(np.array([1e6]), 1.0)
+    assert bool(st.converged[0]) and np.isinf(np.asarray(st.x)).all() and np.isfinite(np.asarray(st.log_x)).all()
+
+
+def test_damped_newton_reports_its_residual():
+    # The generic solver returns max|residual|, from which every Solution's `converged` (and the NaN of
+    # the eps-returning functions) is derived: 2 Newton iterations from the Hebb start are not enough,
+    # the default budget is.
+    fun = lambda p: th._teacher_residual(p, 2.0, 3.0)  # noqa: E731
+    solve = jax.jit(th._damped_newton, static_argnums=(0,), static_argnames=("maxiter",))
+    assert float(solve(fun, th._hebb_guess(3.0), maxiter=2)[1]) > 1e-10
+    assert float(solve(fun, th._hebb_guess(3.0))[1]) < 1e-12

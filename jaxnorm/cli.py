@@ -1,0 +1,58 @@
+"""The edge of every command line: a user mistake is one ``error:`` line and exit 2, Ctrl-C is exit 130.
+
+``python -m jaxnorm.sweep``, ``python -m jaxnorm.analyze`` and ``python -m jaxnorm.perceptron_report``
+run their ``main`` through :func:`guard`. Below it, code raises ordinary exceptions whose message
+names the bad value or file and the allowed ones:
+
+* ``ValueError`` (bad config or argument, malformed data file, ``jaxnorm.rundir.RunDirError``,
+  ``tomllib.TOMLDecodeError``, pandas' ``ParserError``);
+* ``OSError`` (``jaxnorm.data.DataNotFoundError`` and any file that cannot be read or written; the
+  message names the file).
+
+Both are printed as ``error: <message>`` on stderr, exit code 2, no traceback (set
+``JAXNORM_TRACEBACK=1`` to get one). ``KeyboardInterrupt`` prints the interrupted message and exits
+130 (128 + SIGINT, the shell's convention). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+TRACEBACK_ENV = "JAXNORM_TRACEBACK"
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+def message(err: BaseException) -> str:
+    """One readable message for a user-facing exception; an OSError names its file(s)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        where = repr(os.fspath(err.filename))
+        if err.filename2 is not None:
+            where += f" -> {os.fspath(err.filename2)!r}"
+        # "[Errno 13] Permission denied: 'x'" -> "'x': permission denied"
+        return f"{where}: {err.strerror[0].lower()}{err.strerror[1:]}"
+    return str(err) or type(err).__name__
+
+
+def guard(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+          interrupted: str = INTERRUPTED) -> int:
+    """Runs ``main(argv)`` and turns user mistakes and Ctrl-C into one stderr line and an exit code.
+
+    Returns:
+      ``main``'s return value (None -> 0); 2 after a ``ValueError``/``OSError``; 130 after Ctrl-C.
+      ``SystemExit`` (argparse's own usage errors, exit 2) passes through.
+    """
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"error: {message(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0 if code is None else int(code)
