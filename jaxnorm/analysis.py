@@ -459,8 +459,8 @@ def fit_power_law(x, y, *, with_q: bool | str = "auto", alpha: float = Q_ALPHA,
     """Fits y = k x^a + q by least squares on ln y.
 
     The q term is kept by a nested-model F test: F = (SSE_0 - SSE_q) / (SSE_q / (n - 3)) against
-    F(1, n - 3) at level ``alpha``; it needs ``min_points_q`` points (2 residual degrees of
-    freedom). Errors are the Jacobian covariance scaled by the residual variance, i.e. they
+    F(1, n - 3) at level ``alpha``, and only if q > 0 (a floor); it needs ``min_points_q`` points
+    (2 residual degrees of freedom). Errors are the Jacobian covariance scaled by the residual variance, i.e. they
     come from the scatter about the law, whatever its source.
 
     Args:
@@ -495,7 +495,9 @@ def fit_power_law(x, y, *, with_q: bool | str = "auto", alpha: float = Q_ALPHA,
         pval = float(stats.f.sf(F, 1, dof)) if np.isfinite(F) else 0.0
         sq = float(np.sqrt(covq[2, 2])) if np.isfinite(covq[2, 2]) and covq[2, 2] >= 0 else None
         q_test = {"F": _f(F), "p": pval, "alpha": alpha, "q": float(pq[2]), "sigma_q": sq}
-        use_q = with_q is True or bool(okq and pval < alpha)
+        # q is a floor (Eq. 3's q1: the error that more norm cannot remove; Eq. 4's q2 > 0 gives
+        # P_-): a negative q is curvature of another kind, not a q term.
+        use_q = with_q is True or bool(okq and pval < alpha and pq[2] > 0)
     if use_q:
         p, cov, sse = pq, covq, sseq
     else:
@@ -531,10 +533,14 @@ def fit_exponent(x, y, *, sign: int, method: str, with_q: bool | str = "auto",
         f = fit_power_law(x, y, with_q=with_q, alpha=alpha)
     except ValueError as e:
         return Exponent.undetermined(method, str(e), n=int(np.size(x)))
+    detail = dict(detail or {})
+    if f.q_kept:  # the pure power law beside it: what a fit without q (the paper's) gives
+        f0 = fit_power_law(x, y, with_q=False)
+        detail["without_q"] = {"value": sign * f0.a, "sigma": f0.sigma_a, "k": f0.k}
     return Exponent(value=sign * f.a, sigma=f.sigma_a, method=method, n=f.n_points, k=f.k,
                     q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test,
                     chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
-                    x_range=list(f.x_range), detail=detail)
+                    x_range=list(f.x_range), detail=detail or None)
 
 
 def product_exponent(a: Exponent, b: Exponent, method: str) -> Exponent:
@@ -899,8 +905,19 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
             "noise": float(noise), "n_points": int(nw[b])}
 
 
-def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw: dict) -> list:
+# Share (in ln lambda) of each detected early window that enters the gamma1 fit. The detection
+# accepts departures from the power law up to the noise, and those sit at the window's end,
+# where the curve bends into its elbow: on bench_analysis's curves the full window biases
+# gamma1 low by 1-2 sigma, its first two thirds by < 0.5 sigma.
+GAMMA1_WINDOW_FRACTION = 2.0 / 3.0
+# Stability (in jackknife-over-P sigmas) that a pooled q1 needs to be kept (fit_gamma1).
+Q1_JACKKNIFE_Z = 3.0
+
+
+def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw: dict,
+                 fraction: float | None = None) -> list:
     """Per P: the detected early power-law window of the seed-mean curve (raw lambda, eps)."""
+    fraction = GAMMA1_WINDOW_FRACTION if fraction is None else fraction
     per = []
     for P in P_used:
         c = curves[P].sort_values("lam", kind="stable")
@@ -913,10 +930,14 @@ def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw
         if el["i0"] is None:
             _note(log, f"P={P}: no window before the minimum is a power law within noise")
             continue
-        sel = (lam >= el["lambda_start"] * (1 - 1e-9)) & (lam <= el["lambda_elbow"] * (1 + 1e-9))
+        top = el["lambda_start"] * (el["lambda_elbow"] / el["lambda_start"]) ** fraction
+        sel = (lam >= el["lambda_start"] * (1 - 1e-9)) & (lam <= top * (1 + 1e-9))
+        if sel.sum() < 3:
+            sel = (lam >= el["lambda_start"] * (1 - 1e-9)) & (lam <= el["lambda_elbow"] * (1 + 1e-9))
         f = fit_power_law(lam[sel], eps[sel], with_q=False)
         per.append({"P": int(P), "gamma1": -f.a, "sigma": f.sigma_a, "k": f.k,
                     "lambda_start": el["lambda_start"], "lambda_elbow": el["lambda_elbow"],
+                    "lambda_fit_end": float(lam[sel].max()),
                     "n_points": f.n_points, "noise": el["noise"], "lam": lam[sel], "eps": eps[sel]})
     return per
 
@@ -926,12 +947,14 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
     """gamma1 without hand choices: one pooled fit of Eq. 3 on every P's early window.
 
     Window rule: for every P >= p_min, the widest stretch from the start of the seed-mean curve
-    that a straight line in (ln lambda, ln eps) fits within noise (:func:`detect_elbow`).
+    that a straight line in (ln lambda, ln eps) fits within noise (:func:`detect_elbow`), of
+    which the first GAMMA1_WINDOW_FRACTION (2/3, in ln lambda) is fitted.
     Eq. 3 says the early phase is the same curve for every P, so the windows are pooled in raw
     (lambda, eps) and eps = k1 lambda^-gamma1 (+ q1 when the F test keeps it) is fitted once.
     The points of one curve share its seeds' fluctuations, so the error is a delete-one-P
     jackknife (sigma^2 = (n-1)/n sum (g_-i - g_.)^2) rather than the fit covariance (also
-    reported); with fewer than 3 P it is the covariance error.
+    reported; the q decision is retaken in every jackknife fit); with fewer than 3 P it is the
+    covariance error.
 
     Returns:
       (gamma1, gamma1_appendix_d): the pooled Exponent (detail: k1, q1, per_P windows,
@@ -947,19 +970,44 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
         return Exponent.undetermined(method, why), Exponent.undetermined(app, why)
     lam = np.concatenate([p["lam"] for p in per])
     eps = np.concatenate([p["eps"] for p in per])
-    f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
-    jk = []
-    if len(per) >= 3:
+    f0 = fit_power_law(lam, eps, with_q=False)
+
+    def jackknife(with_q):
+        out = []
         for j in range(len(per)):
             lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
             ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
             try:
-                jk.append(-fit_power_law(lj, ej, with_q=f.q_kept).a)
+                fj = fit_power_law(lj, ej, with_q=with_q)
             except ValueError:
-                pass
-    n = len(jk)
-    s_jk = math.sqrt((n - 1) / n * float(np.sum((np.asarray(jk) - np.mean(jk)) ** 2))) if n >= 3 else None
+                continue
+            out.append((-fj.a, fj.q))
+        return np.asarray(out).reshape(-1, 2)
+
+    def jk_sd(v):
+        n = v.size
+        return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
+
+    # q1 (Eq. 3's floor) is kept when the F test asks for it AND it is positive and stable when
+    # any one P is left out (|q1| > Q1_JACKKNIFE_Z jackknife sigmas): the bend of each curve
+    # into its elbow also looks like a q1 to the F test on pooled points, but it sits at a
+    # different lambda for every P, so its "q1" moves when a P is dropped; a real floor does not.
+    f, q_jk = f0, None
+    if len(per) >= 3 and lam.size >= 5:
+        fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        if fq.q_kept and fq.q > 0:
+            jq = jackknife(True)
+            q_jk = jk_sd(jq[:, 1])
+            if q_jk is not None and fq.q > Q1_JACKKNIFE_Z * q_jk:
+                f = fq
+    jk = jackknife(f.q_kept)[:, 0] if len(per) >= 3 else np.empty(0)
+    s_jk = jk_sd(jk)
     sigma = s_jk if s_jk is not None else f.sigma_a
+    if f.q_test is None and f0 is f:
+        f = dataclasses.replace(f, q_test={"F": None, "p": None, "alpha": alpha,
+                                           "note": "q1 not tested (fewer than 3 P)"})
+    f = dataclasses.replace(f, q_test={**(f.q_test or {}), "sigma_q1_jackknife": q_jk,
+                                       "z_jackknife": Q1_JACKKNIFE_Z})
     windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
     g1 = Exponent(value=-f.a, sigma=sigma, method=method, n=f.n_points, k=f.k, q=f.q,
                   sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test, chi2_red=f.chi2_red,
