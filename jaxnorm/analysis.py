@@ -821,6 +821,92 @@ def optimum_per_P(curves: dict, method: str = "vertex", seed_opt: pd.DataFrame |
     return pd.DataFrame(rows)
 
 
+def _joint(curves: dict, opt_P: pd.DataFrame, P_used: Sequence[int]) -> pd.DataFrame:
+    """:func:`collapse_optima` on the P that collapse (P >= p_min); the others unchanged."""
+    inside = opt_P["P"].isin(list(P_used))
+    joint = collapse_optima(curves, opt_P[inside].reset_index(drop=True))
+    return pd.concat([opt_P[~inside], joint]).sort_values("P").reset_index(drop=True)
+
+
+def collapse_optima(curves: dict, opt_P: pd.DataFrame, *, degree: int = 4) -> pd.DataFrame:
+    """lambda_opt and eps_opt of every bracketed P from one joint fit of the minima's shapes.
+
+    Eq. 5 says every curve is the same function of ln(lambda/lambda_opt) near its minimum, up
+    to the height ln eps_opt. So the points around each bracketed minimum (the vertex window of
+    :func:`curve_optimum`, at least two neighbours on each side) are fitted together as
+    ln eps = v_P + sum_{k=2..degree} c_k (ln lambda - u_P)^k: per P a position u_P = ln
+    lambda_opt and a height v_P, and one shape (c_2..c_degree) shared by all P. A single curve's
+    parabola sees its minimum through a few grid points at a phase that drifts with P (with 10
+    evaluations per replica that drift biases gamma2 by ~1.5 sigma); the shared shape is sampled
+    at every phase at once, and its asymmetry (c_3, c_4) no longer shifts the vertex.
+    Errors: the Jacobian covariance scaled by the residual variance (floored at the curves'
+    noise).
+
+    Args:
+      curves: from :func:`mean_curves`.
+      opt_P: from :func:`optimum_per_P` (per-curve vertices: starting values and brackets).
+      degree: highest power of the shared shape.
+
+    Returns:
+      A copy of ``opt_P`` whose bracketed rows carry the joint lambda_opt, eps_opt and their
+      sigmas (opt_method "collapse"); unchanged when fewer than 3 P are bracketed.
+    """
+    out = opt_P.copy()
+    rows = [r for r in out.itertuples() if r.bracketed and r.opt_method == "vertex"]
+    if len(rows) < 3:
+        return out
+    data = []
+    for r in rows:
+        c = curves[r.P].sort_values("lam", kind="stable")
+        u, v = np.log(c["lam"].to_numpy()), np.log(c["eps"].to_numpy())
+        i = int(np.argmin(v))
+        depth = max(3.0 * (r.noise or 0.0), 0.05)
+        a = i
+        while a > 0 and v[a - 1] <= v[i] + depth:
+            a -= 1
+        b = i
+        while b < u.size - 1 and v[b + 1] <= v[i] + depth:
+            b += 1
+        a, b = max(min(a, i - 2), 0), min(max(b, i + 2), u.size - 1)
+        data.append((u[a:b + 1], v[a:b + 1], math.log(r.lambda_opt), math.log(r.eps_opt)))
+    nP, nc = len(data), degree - 1
+    uu = np.concatenate([d[0] for d in data])
+    vv = np.concatenate([d[1] for d in data])
+    idx = np.concatenate([np.full(d[0].size, j) for j, d in enumerate(data)])
+    if uu.size <= 2 * nP + nc:
+        return out
+
+    def resid(p):
+        w = uu - p[idx]
+        f = p[nP + idx]
+        for k in range(nc):
+            f = f + p[2 * nP + k] * w ** (k + 2)
+        return f - vv
+
+    p0 = np.concatenate([[d[2] for d in data], [d[3] for d in data], [0.3], np.zeros(nc - 1)])
+    res = optimize.least_squares(resid, p0, x_scale="jac", max_nfev=4000)
+    if not res.success or res.x[2 * nP] <= 0:
+        return out
+    dof = uu.size - res.x.size
+    noise = float(np.nanmedian([r.noise for r in rows]))
+    s2 = max(float(res.fun @ res.fun) / dof, noise ** 2)
+    try:
+        cov = np.linalg.inv(res.jac.T @ res.jac) * s2
+    except np.linalg.LinAlgError:
+        return out
+    moved = np.abs(res.x[:nP] - p0[:nP])
+    steps = np.array([np.median(np.diff(d[0])) for d in data])
+    if np.any(moved > 2.0 * steps):  # the shared shape does not describe these minima
+        return out
+    for j, r in enumerate(rows):
+        k = out.index[out["P"] == r.P][0]
+        out.loc[k, ["lambda_opt", "eps_opt", "sigma_ln_lambda_opt", "sigma_ln_eps_opt"]] = [
+            math.exp(res.x[j]), math.exp(res.x[nP + j]), math.sqrt(max(cov[j, j], 0.0)),
+            math.sqrt(max(cov[nP + j, nP + j], 0.0))]
+        out.loc[k, "opt_method"] = "collapse"
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Early power law (Eq. 3): window detection and gamma1
 # ----------------------------------------------------------------------------------------------
@@ -1266,6 +1352,8 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
     seed_opt = optima(d, method=optimum)
     curves = mean_curves(d)
     opt_P = optimum_per_P(curves, optimum, seed_opt)
+    if optimum == "vertex":
+        opt_P = _joint(curves, opt_P, P_used)
     P_used = [P for P in P_used if P in curves]
     out: dict[str, Any] = {"curves": curves, "opt_P": opt_P, "seed_opt": seed_opt}
     authors = optimum == "argmin"
@@ -1460,7 +1548,8 @@ class Prediction(NamedTuple):
 
     sigma_ln_*: error of the law at P (fit parameters only); sigma_ln_*_obs: the error of a new
     measurement at P (adds the scatter of one point about the law, resid_sd), the band a
-    held-out measurement should fall in.
+    held-out measurement should fall in. Both are Gaussian-equivalent: the Student-t quantile of
+    the fit's degrees of freedom is folded in, so +-2 sigma is a 95 % interval.
     """
 
     P: float
@@ -1485,7 +1574,12 @@ def _predict_law(e: dict, P: float, sign: int) -> tuple[float, float, float]:
     g = np.array([pw / y, pw * lp / y] + ([1.0 / y] if cov.shape[0] == 3 else []))
     var = float(g @ cov @ g)
     r = e.get("resid_sd") or 0.0
-    return y, math.sqrt(max(var, 0.0)), math.sqrt(max(var, 0.0) + r * r)
+    # Both variances come from the fit's own residuals (n - n_par degrees of freedom), so a new
+    # point's deviation is Student-t distributed: the sigmas are scaled to Gaussian-equivalent
+    # ones (t_0.975(dof) / 1.96; x2.2 at 2 dof, x1.4 at 4), so that 2 sigma is a 95 % band.
+    dof = max(int(e.get("n") or 0) - cov.shape[0], 1)
+    t = float(stats.t.ppf(0.975, dof) / stats.norm.ppf(0.975))
+    return y, t * math.sqrt(max(var, 0.0)), t * math.sqrt(max(var, 0.0) + r * r)
 
 
 def predict(summary: dict, P: float) -> Prediction:

@@ -187,23 +187,25 @@ def test_authors_curves_automatic_mode():
     s = _analyze(df)
     assert s["mode"] == "automatic" and all(o["bracketed"] for o in s["optima"])
     assert s["gamma1"]["value"] == pytest.approx(0.2133, abs=2e-3)  # authors: 0.210 +- 0.011
-    assert s["gamma2"]["value"] == pytest.approx(0.902, abs=5e-3)  # vertex; arg-min: 0.768
+    # Joint fit of the minima on the collapse, q2 kept by the F test: 1.237 (authors: 1.32 +- 0.32
+    # from per-seed arg-mins; 1.18 from the mean curves' arg-mins at P >= 28000).
+    assert s["gamma2"]["value"] == pytest.approx(1.2367, abs=5e-3) and s["gamma2"]["q_kept"]
     assert s["gamma2_argmin"]["value"] == pytest.approx(0.7676, abs=5e-4)
     # eps_opt(P): the F test wants a q, but a negative one (-0.43): not a floor, so the pure law
-    # stays: 0.246 (paper's gamma_meas 0.25). eps_end(P) keeps a floor q = 0.18 (exponent 0.474;
+    # stays: 0.245 (paper's gamma_meas 0.25); gamma_pred = 0.264 (paper 0.28). eps_end(P) keeps a floor q = 0.18 (exponent 0.474;
     # without q 0.248, reported beside it).
-    assert not s["gamma_opt"]["q_kept"] and s["gamma_opt"]["value"] == pytest.approx(0.2458, abs=2e-3)
+    assert not s["gamma_opt"]["q_kept"] and s["gamma_opt"]["value"] == pytest.approx(0.2446, abs=2e-3)
     assert s["gamma_end"]["q_kept"] and s["gamma_end"]["q"] == pytest.approx(0.1825, abs=2e-3)
     assert s["gamma_end"]["detail"]["without_q"]["value"] == pytest.approx(0.2482, abs=2e-3)
     df, _ = _authors("ResNet_MNIST")
     s = _analyze(df)
     # The seed-mean curves of ResNet/MNIST reach their lowest error at (or next to) the last grid
     # point for P >= 1500: those minima are not bracketed and stay out; gamma2 rests on the
-    # three small P whose minimum is bracketed (measured 0.339 against the authors' 0.50).
+    # three small P whose minimum is bracketed (measured 0.329 against the authors' 0.50).
     opt = {o["P"]: o["bracketed"] for o in s["optima"]}
     assert [P for P, b in opt.items() if b] == [89, 375, 750]
     assert s["gamma2"]["n"] == 3 and s["gamma2"]["detail"]["P"] == [89, 375, 750]
-    assert s["gamma2"]["value"] == pytest.approx(0.339, abs=2e-3)
+    assert s["gamma2"]["value"] == pytest.approx(0.329, abs=2e-3)
     assert "not bracketed" in s["gamma2_argmin"]["reason"] or s["gamma2_argmin"]["reason"]
 
 
@@ -235,14 +237,18 @@ def test_lambda_opt_is_not_quantized_to_the_grid():
                     np.random.default_rng(0))
     s = _analyze(df)
     opt = pd.DataFrame(s["optima"])
-    assert (opt["opt_method"] == "vertex").all()
+    assert opt["opt_method"].isin(["vertex", "collapse"]).all()
     grid = df.groupby("P")["spectral_complexity"].apply(lambda v: np.log(v.to_numpy()))
     off = [np.min(np.abs(grid[P] - math.log(lo))) for P, lo in zip(opt["P"], opt["lambda_opt"])]
     assert max(off) > 0.05  # off the grid
     lo_true = 30 * 5.0 * (opt["P"] / opt["P"].min()) ** B.BASE["g2"]
-    # Noiseless: the vertex of a 3-point parabola on the asymmetric minimum is within a quarter
-    # of the grid step of the truth (the arg-min can be off by half a step).
-    assert np.max(np.abs(np.log(opt["lambda_opt"] / lo_true))) < 0.25 * opt["grid_step"].max()
+    # Noiseless: the joint fit of the minima (one shared quartic shape) puts every lambda_opt at
+    # the same factor of the truth (measured 0.947 +- 0.4 %: the quartic's vertex is not quite
+    # the corner's minimum, the same for every P, so it cancels in gamma2); the grid arg-min
+    # scatters by up to half a grid step (25 %) with the grid's phase.
+    r = np.log(opt["lambda_opt"] / lo_true)
+    assert np.ptp(r) < 0.015 and abs(r.mean()) < 0.1
+    assert np.ptp(np.log(opt["lambda_argmin"] / lo_true)) > 0.1
 
 
 def test_unbracketed_minima_are_marked_and_gamma2_not_determined():
@@ -343,8 +349,9 @@ def test_grid_averaged_input_equals_per_seed_mean():
         spectral_complexity=("spectral_complexity", "first"), test_error=("test_error", "mean"))
     avg["seed"] = 0
     a, b = _analyze(df), _analyze(avg)
-    assert a["gamma2"]["value"] == pytest.approx(b["gamma2"]["value"], rel=1e-9)
-    assert a["gamma_opt"]["value"] == pytest.approx(b["gamma_opt"]["value"], rel=1e-9)
+    # Same numbers up to the joint fit's optimizer tolerance.
+    assert a["gamma2"]["value"] == pytest.approx(b["gamma2"]["value"], rel=1e-6)
+    assert a["gamma_opt"]["value"] == pytest.approx(b["gamma_opt"]["value"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
