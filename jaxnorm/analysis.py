@@ -1102,11 +1102,112 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
                           "sigma_cov": f.sigma_a, "sigma_jackknife": s_jk, "per_P": windows})
     g = np.array([p["gamma1"] for p in per])
     if g.size > 1:
+        # Is the early phase one power law for every P (Eq. 3)? chi^2 of the per-P slopes about
+        # their weighted mean, n_P - 1 degrees of freedom.
+        w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
+        chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
+        g1 = dataclasses.replace(g1, detail={**g1.detail, "slopes_chi2": chi2,
+                                             "slopes_dof": int(g.size - 1),
+                                             "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
         gad = Exponent(value=float(g.mean()), sigma=float(g.std(ddof=1) / math.sqrt(g.size)),
                        method=app, n=int(g.size))
     else:
         gad = Exponent(value=float(g[0]), sigma=float(per[0]["sigma"]), method=app, n=1,
                        reason="one P: sigma is that fit's error")
+    return g1, gad
+
+
+def _jackknife_sd(v: np.ndarray) -> float | None:
+    n = v.size
+    return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
+
+
+def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int], *,
+                        alpha: float = Q_ALPHA, z: float = 2.0,
+                        log: list | None = None) -> tuple[Exponent, Exponent] | None:
+    """gamma1 from one window on the collapse, shared by every P with a bracketed minimum.
+
+    Eq. 5 puts every curve's elbow at the same x = lambda/lambda_opt, so the early window is
+    one interval x <= x_e for all P, in raw lambda it ends at x_e lambda_opt(P). Rule: the
+    largest x_e on a log grid (0.01 ... 0.7) for which Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1
+    kept by the F test when positive) fits the pooled points within noise (reduced chi^2 in
+    units of the curves' point noise <= 1 + z sqrt(2/dof)); then, as in :func:`fit_gamma1`,
+    each P's window is cut to its first GAMMA1_WINDOW_FRACTION in ln lambda. Unlike per-curve
+    windows, a floor q1 does not end the window early (the model has q1), so the largest P,
+    whose windows reach the lowest errors, carry q1 into the fit. Error: jackknife over P (q1
+    decided afresh in each fit).
+
+    Returns:
+      (gamma1, gamma1_appendix_d), or None with fewer than 3 bracketed P (then the per-curve
+      windows of :func:`fit_gamma1` are used).
+    """
+    optd = opt_P.set_index("P")
+    Ps = [P for P in P_used if bool(optd.loc[P, "bracketed"])]
+    if len(Ps) < 3:
+        return None
+    cur = {}
+    for P in Ps:
+        c = curves[P].sort_values("lam", kind="stable")
+        lam, eps = c["lam"].to_numpy(), c["eps"].to_numpy()
+        cur[P] = (lam, eps, lam / optd.loc[P, "lambda_opt"])
+    noise = float(np.nanmedian([_noise_log(np.log(e[x < 1])) for lam, e, x in cur.values()]))
+    noise = max(noise if np.isfinite(noise) else 0.0, 0.003)
+    best = None
+    for xe in np.geomspace(0.01, 0.7, 25):
+        lam = np.concatenate([l[x <= xe] for l, e, x in cur.values()])
+        eps = np.concatenate([e[x <= xe] for l, e, x in cur.values()])
+        if lam.size < 10 or sum(int(np.sum(x <= xe)) >= 3 for _, _, x in cur.values()) < 3:
+            continue
+        f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        dof = lam.size - (3 if f.q_kept else 2)
+        if f.chi2_red / noise ** 2 <= 1.0 + z * math.sqrt(2.0 / dof) and f.a < 0:
+            best = xe
+    if best is None:
+        return None
+    per = []
+    for P, (lam, eps, x) in cur.items():
+        m = x <= best
+        if m.sum() < 3:
+            continue
+        top = lam[m][0] * (lam[m][-1] / lam[m][0]) ** GAMMA1_WINDOW_FRACTION
+        sel = m & (lam <= top * (1 + 1e-9))
+        if sel.sum() < 3:
+            sel = m
+        f = fit_power_law(lam[sel], eps[sel], with_q=False)
+        per.append({"P": int(P), "gamma1": -f.a, "sigma": f.sigma_a, "k": f.k,
+                    "lambda_start": float(lam[m][0]), "lambda_elbow": float(lam[m][-1]),
+                    "lambda_fit_end": float(lam[sel].max()), "n_points": int(sel.sum()),
+                    "lam": lam[sel], "eps": eps[sel]})
+    if len(per) < 3:
+        return None
+    lam = np.concatenate([p["lam"] for p in per])
+    eps = np.concatenate([p["eps"] for p in per])
+    f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+    jk = []
+    for j in range(len(per)):
+        lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
+        ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
+        jk.append(-fit_power_law(lj, ej, with_q="auto", alpha=alpha).a)
+    s_jk = _jackknife_sd(np.asarray(jk))
+    g = np.array([p["gamma1"] for p in per])
+    w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
+    chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
+    windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
+    method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) on "
+              "one early window x = lambda/lambda_opt <= x_e shared by the bracketed P (x_e: the "
+              "widest that Eq. 3 fits within noise), first 2/3 of each; sigma: jackknife over P")
+    g1 = Exponent(value=-f.a, sigma=s_jk if s_jk is not None else f.sigma_a, method=method,
+                  n=f.n_points, k=f.k, q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept,
+                  q_test=f.q_test, chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
+                  x_range=list(f.x_range),
+                  detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
+                          "x_e": float(best), "noise": noise, "sigma_cov": f.sigma_a,
+                          "sigma_jackknife": s_jk, "per_P": windows, "slopes_chi2": chi2,
+                          "slopes_dof": int(g.size - 1),
+                          "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
+    gad = Exponent(value=float(g.mean()), sigma=float(g.std(ddof=1) / math.sqrt(g.size)),
+                   method="Appendix D: mean over P of per-P log-log slopes on the same windows; "
+                          "sigma = error of the mean", n=int(g.size))
     return g1, gad
 
 
@@ -1188,15 +1289,35 @@ def fit_gamma2(opt_P: pd.DataFrame, P_used: Sequence[int], *, column: str = "lam
     return e
 
 
+def _fit_fixed_q(x, y, q, sigma_q, sign, method, detail) -> Exponent | None:
+    """y = k x^(sign gamma) + q with q known (error sigma_q): a line through ln(y - q)."""
+    if not np.all(y - q - abs(sigma_q) > 0):
+        return None
+    f = fit_power_law(x, y - q, with_q=False)
+    shift = [fit_power_law(x, y - (q + d), with_q=False).a for d in (sigma_q, -sigma_q)]
+    s_q = abs(shift[0] - shift[1]) / 2.0  # q's own error, propagated
+    r = np.log(y) - np.log(f.k * x ** f.a + q)
+    resid = math.sqrt(float(r @ r) / max(x.size - 2, 1))
+    return Exponent(value=sign * f.a, sigma=math.hypot(f.sigma_a, s_q), method=method,
+                    n=f.n_points, k=f.k, q=q, sigma_q=sigma_q, q_kept=True,
+                    q_test={"fixed": "q1 of Eq. 3 (Eq. 6 has the same floor)",
+                            "sigma_from_q": s_q}, chi2_red=f.chi2_red, cov=f.cov,
+                    resid_sd=resid, x_range=list(f.x_range), detail=detail)
+
+
 def fit_gamma_eps(opt_P: pd.DataFrame, P_used: Sequence[int], column: str = "eps_opt", *,
                   with_q: bool | str = "auto", alpha: float = Q_ALPHA,
-                  require_bracketed: bool | None = None) -> Exponent:
+                  require_bracketed: bool | None = None,
+                  q1: tuple[float, float] | None = None) -> Exponent:
     """eps(P) = k P^-gamma + q (Eq. 6 / Fig. 9) in log space: gamma_opt or gamma_end.
 
     Args:
       opt_P: from :func:`optimum_per_P`.
       column: "eps_opt" (error at the optimum, Eq. 6's quantity: gamma_opt; only bracketed
         minima by default) or "eps_end" (error at the last evaluation: gamma_end).
+      q1: (q1, sigma_q1) of Eq. 3 when its fit kept a floor: Eq. 6 has the same q1, so it is
+        used as the known q here (its error propagated) instead of a q of this fit's own; with
+        5-8 values of P the F test alone rarely detects it.
 
     Raises:
       ValueError: an unknown column.
@@ -1215,9 +1336,14 @@ def fit_gamma_eps(opt_P: pd.DataFrame, P_used: Sequence[int], column: str = "eps
         why = (f"only {len(sub)} usable values of P (need {MIN_P_FIT})"
                + (f"; minimum not bracketed at P = {nb}" if nb and req else ""))
         return Exponent.undetermined(method, why, n=len(sub))
+    detail = {"quantity": column, "P": [int(p) for p in sub["P"]]}
+    if q1 is not None and with_q == "auto":
+        e = _fit_fixed_q(sub["P"].to_numpy(float), sub[column].to_numpy(float), q1[0], q1[1],
+                         -1, method.replace("q by F test", "q = q1 of Eq. 3"), detail)
+        if e is not None:
+            return e
     return fit_exponent(sub["P"].to_numpy(float), sub[column].to_numpy(float), sign=-1,
-                        method=method, with_q=with_q, alpha=alpha,
-                        detail={"quantity": column, "P": [int(p) for p in sub["P"]]})
+                        method=method, with_q=with_q, alpha=alpha, detail=detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1364,8 +1490,10 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
             out["gamma1"] = Exponent.undetermined("authors' window", str(e))
         out["gamma1_appendix_d"] = out["gamma1"]
     else:
-        out["gamma1"], out["gamma1_appendix_d"] = fit_gamma1(curves, P_used, log=log, alpha=alpha,
-                                                             **elbow_kw)
+        col = fit_gamma1_collapse(curves, opt_P, P_used, alpha=alpha, log=log) \
+            if optimum == "vertex" and not elbow_kw else None
+        out["gamma1"], out["gamma1_appendix_d"] = col if col is not None else fit_gamma1(
+            curves, P_used, log=log, alpha=alpha, **elbow_kw)
     if authors:
         # The authors' gamma2: a plain log-log line through the grid arg-mins of P >= p_min.
         out["gamma2"] = fit_gamma2(opt_P, P_used, require_bracketed=False, with_q=False,
@@ -1374,8 +1502,10 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt", with_q=False,
                                          require_bracketed=False)
     else:
+        g1 = out["gamma1"]
+        q1 = (g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None
         out["gamma2"] = fit_gamma2(opt_P, P_used, alpha=alpha)
-        out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha)
+        out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha, q1=q1)
     out["gamma2_argmin"] = fit_gamma2(
         opt_P, P_used, column="lambda_argmin", require_bracketed=False, with_q=False,
         method="Appendix D definition: log-log line of the seed-mean curve's grid arg-min vs P")
@@ -1383,8 +1513,10 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         opt_P, P_used, column="lambda_seed_argmins", require_bracketed=False, with_q=False,
         method="authors' gamma2 input: log-log line of the mean over seeds of each seed's "
                "grid arg-min lambda vs P")
+    g1 = out["gamma1"]
     out["gamma_end"] = fit_gamma_eps(opt_P, P_used, "eps_end", alpha=alpha,
-                                     with_q=False if authors else "auto")
+                                     with_q=False if authors else "auto",
+                                     q1=(g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None)
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
@@ -1618,7 +1750,11 @@ def holdout(df: pd.DataFrame, n_out: int = 2, **analyze_kw) -> dict:
             return {"error": f"{len(Ps)} values of P; holding out {n_out} leaves fewer than {MIN_P_FIT}"}
         keep = Ps[:-n_out]
         s = analyze(d[d["P"].isin(keep)], **analyze_kw)
-        full = optimum_per_P(mean_curves(d), analyze_kw.get("optimum", "vertex")).set_index("P")
+        curves = mean_curves(d)
+        full = optimum_per_P(curves, analyze_kw.get("optimum", "vertex"))
+        if analyze_kw.get("optimum", "vertex") == "vertex":  # measured as the fit measures them
+            full = _joint(curves, full, [P for P in Ps if P >= s["p_min"]])
+        full = full.set_index("P")
     out = {"P_fit": keep, "per_P": []}
     for P in Ps[-n_out:]:
         try:
