@@ -1130,9 +1130,10 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
     Eq. 5 puts every curve's elbow at the same x = lambda/lambda_opt, so the early window is
     one interval x <= x_e for all P, in raw lambda it ends at x_e lambda_opt(P). Rule: the
     largest x_e on a log grid (0.01 ... 0.7) for which Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1
-    kept by the F test when positive) fits the pooled points within noise (reduced chi^2 in
-    units of the curves' point noise <= 1 + z sqrt(2/dof)); then, as in :func:`fit_gamma1`,
-    each P's window is cut to its first GAMMA1_WINDOW_FRACTION in ln lambda. Unlike per-curve
+    kept by the F test when positive and stable under the jackknife over P, as in
+    :func:`fit_gamma1`) fits the pooled points within noise (reduced chi^2 in units of the
+    curves' point noise <= 1 + z sqrt(2/dof)); then, as in :func:`fit_gamma1`, each P's window
+    is cut to its first GAMMA1_WINDOW_FRACTION in ln lambda. Unlike per-curve
     windows, a floor q1 does not end the window early (the model has q1), so the largest P,
     whose windows reach the lowest errors, carry q1 into the fit. Error: jackknife over P (q1
     decided afresh in each fit).
@@ -1183,12 +1184,23 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
     lam = np.concatenate([p["lam"] for p in per])
     eps = np.concatenate([p["eps"] for p in per])
     f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
-    jk = []
-    for j in range(len(per)):
-        lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
-        ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
-        jk.append(-fit_power_law(lj, ej, with_q="auto", alpha=alpha).a)
-    s_jk = _jackknife_sd(np.asarray(jk))
+
+    def jackknife(with_q):
+        out = []
+        for j in range(len(per)):
+            lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
+            ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
+            fj = fit_power_law(lj, ej, with_q=with_q, alpha=alpha)
+            out.append((-fj.a, fj.q))
+        return np.asarray(out)
+
+    q_jk = None
+    if f.q_kept:  # q1 must also be stable when any one P is left out (see fit_gamma1)
+        q_jk = _jackknife_sd(jackknife(True)[:, 1])
+        if q_jk is None or f.q <= Q1_JACKKNIFE_Z * q_jk:
+            f = dataclasses.replace(fit_power_law(lam, eps, with_q=False), q_test={
+                **(f.q_test or {}), "sigma_q1_jackknife": q_jk, "z_jackknife": Q1_JACKKNIFE_Z})
+    s_jk = _jackknife_sd(jackknife("auto")[:, 0])
     g = np.array([p["gamma1"] for p in per])
     w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
     chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
