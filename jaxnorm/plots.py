@@ -12,6 +12,7 @@ Figures: :func:`plot_curves` (quick look), :func:`fig3_curves`, :func:`fig4_coll
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from typing import Sequence
 
@@ -317,7 +318,7 @@ def fig8_fits(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
                label=rf"$\gamma_2$ = {g2['value']:.3f} $\pm$ {g2['sigma']:.3f}"
                      + (rf", $q_2$={g2['q']:.3g}" if g2.get("q_kept") else ""))
     elif (summary.get("gamma2") or {}).get("reason"):
-        b.text(0.03, 0.04, "gamma2 not determined:\n" + summary["gamma2"]["reason"][:80],
+        b.text(0.03, 0.04, "gamma2 not determined:\n" + textwrap.fill(summary["gamma2"]["reason"], 60),
                transform=b.transAxes, fontsize=6)
     b.set(xscale="log", yscale="log", xlabel="P", ylabel=r"$\lambda_{opt}$",
           title=r"Eq. 4: $\lambda_{opt} = k_2 P^{\gamma_2} + q_2$")
