@@ -13,15 +13,16 @@ Two modes of :func:`analyze`:
   log-log slopes of eps/eps_opt vs lambda/lambda_opt inside lo <= lambda/lambda_opt <= hi;
   sigma1 = sqrt(sum_i sigma_i^2 / n) (their code; it reproduces their stored sigma1 exactly);
   gamma2 = log-log line of lambda_opt vs P over P >= p_min with the slope's standard error.
-* **automatic** (the default), no hand choices, validated by ``bench/bench_analysis.py``:
-  lambda_opt, eps_opt at the vertex of a parabola in (ln lambda, ln eps) around each seed-mean
-  curve's minimum (not quantized to the evaluation grid); a minimum that is not bracketed
-  (the curve does not rise significantly after it) is marked and never used as a minimum;
-  gamma1 from one pooled fit of Eq. 3 on the detected early windows of every P (error from a
-  delete-one-P jackknife, which sees the correlation of the points of one curve); gamma2 and
-  gamma_opt from log-space fits of Eq. 4 and Eq. 6 over the bracketed P (>= 3, otherwise "not
-  determined" with the reason), with the slope error from the residual scatter across P;
-  q terms only when a nested-model F test at level ``Q_ALPHA`` asks for them.
+* **automatic** (the default), no hand choices, validated by ``bench/bench_analysis.py``
+  (BUILD.md, "Analysis"): a minimum that is not bracketed (the seed-mean curve does not rise
+  significantly after it) is marked and never used as a minimum; lambda_opt, eps_opt of the
+  bracketed P from one joint fit of their minima on the collapse (:func:`collapse_optima`; a
+  parabola vertex per curve as fallback), not quantized to the evaluation grid; gamma1 from one
+  pooled fit of Eq. 3 on an early window shared on the collapse (:func:`fit_gamma1_collapse`,
+  per-curve windows as fallback), error from a delete-one-P jackknife; gamma2 and gamma_opt from
+  log-space fits of Eq. 4 and Eq. 6 over the bracketed P (>= 3, otherwise "not determined" with
+  the reason), slope errors from the scatter across P; q terms only when a nested-model F test
+  at level ``Q_ALPHA`` asks for them and q > 0.
 
 Every exponent is one typed object, :class:`Exponent` (value, sigma, method, n, ...), serialized
 as ``{"value": ..., "sigma": ..., ...}``. Exponents are positive: eps ~ lambda^-gamma1,
@@ -46,7 +47,7 @@ from scipy import optimize, stats
 REQUIRED_COLUMNS = ("P", "seed", "epoch", "test_error", "spectral_complexity")
 # Level of the nested-model F test that keeps a q term (Eqs. 3, 4, 6). Calibrated in
 # tests/test_analysis.py::test_q_rule_false_positive_rate: on 200 pure power laws with 2 % noise
-# a q is kept in <= 5 % of them (measured 1-2 %).
+# a q is kept in <= 5 % of them (measured: 2 of 200).
 Q_ALPHA = 0.01
 # Smallest number of values of P for gamma2 / gamma_opt: a line through 2 points has no error.
 MIN_P_FIT = 3
@@ -653,6 +654,18 @@ def _noise_log(v: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6.0))
 
 
+def _depth_window(v: np.ndarray, i: int, depth: float, min_side: int) -> tuple[int, int]:
+    """[a, b]: the contiguous points around index i with v <= v[i] + depth, at least
+    ``min_side`` points on each side (as far as the series allows)."""
+    a = i
+    while a > 0 and v[a - 1] <= v[i] + depth:
+        a -= 1
+    b = i
+    while b < v.size - 1 and v[b + 1] <= v[i] + depth:
+        b += 1
+    return max(min(a, i - min_side), 0), min(max(b, i + min_side), v.size - 1)
+
+
 def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> dict:
     """Minimum (lambda_opt, eps_opt) of one learning curve eps(lambda), with its uncertainty.
 
@@ -706,13 +719,7 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> d
         return out
     depth = max(3.0 * noise, 0.03)
     for _ in range(5):  # widen (x2) until the curvature is significant: flat-bottomed minima
-        a = i
-        while a > 0 and v[a - 1] <= v[i] + depth:
-            a -= 1
-        b = i
-        while b < T - 1 and v[b + 1] <= v[i] + depth:
-            b += 1
-        a, b = min(a, i - 1), max(b, i + 1)
+        a, b = _depth_window(v, i, depth, 1)
         du, vv = u[a:b + 1] - u[i], v[a:b + 1]
         X = np.column_stack([np.ones(du.size), du, du * du])
         coef, *_ = np.linalg.lstsq(X, vv, rcond=None)
@@ -860,14 +867,7 @@ def collapse_optima(curves: dict, opt_P: pd.DataFrame, *, degree: int = 4) -> pd
         c = curves[r.P].sort_values("lam", kind="stable")
         u, v = np.log(c["lam"].to_numpy()), np.log(c["eps"].to_numpy())
         i = int(np.argmin(v))
-        depth = max(3.0 * (r.noise or 0.0), 0.05)
-        a = i
-        while a > 0 and v[a - 1] <= v[i] + depth:
-            a -= 1
-        b = i
-        while b < u.size - 1 and v[b + 1] <= v[i] + depth:
-            b += 1
-        a, b = max(min(a, i - 2), 0), min(max(b, i + 2), u.size - 1)
+        a, b = _depth_window(v, i, max(3.0 * (r.noise or 0.0), 0.05), 2)
         data.append((u[a:b + 1], v[a:b + 1], math.log(r.lambda_opt), math.log(r.eps_opt)))
     nP, nc = len(data), degree - 1
     uu = np.concatenate([d[0] for d in data])
@@ -1028,6 +1028,58 @@ def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw
     return per
 
 
+def _jackknife_sd(v: np.ndarray) -> float | None:
+    """Delete-one jackknife standard error: sqrt((n-1)/n sum (v_i - mean)^2); None if n < 3."""
+    n = v.size
+    return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
+
+
+def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, float | None,
+                                                                  float | None]:
+    """Eq. 3 on the pooled windows ``per`` (dicts with "lam", "eps" arrays), q1 rule included.
+
+    q1 (Eq. 3's floor) is kept when the F test asks for it, it is positive AND it is stable when
+    any one P is left out (q1 > Q1_JACKKNIFE_Z jackknife sigmas): the bend of each curve into
+    its elbow also looks like a q1 to the F test on pooled points, but it sits at a different
+    lambda for every P, so its "q1" moves when a P is dropped; a real floor does not.
+
+    Args:
+      jackknife_q: the q setting of the jackknife fits that give gamma1's error: None = the
+        model chosen here, "auto" = decided afresh in each fit.
+
+    Returns:
+      (fit, jackknife sigma of gamma1 or None, jackknife sigma of q1 or None).
+    """
+    lam = np.concatenate([p["lam"] for p in per])
+    eps = np.concatenate([p["eps"] for p in per])
+
+    def jackknife(with_q):
+        out = []
+        for j in range(len(per)):
+            lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
+            ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
+            try:
+                fj = fit_power_law(lj, ej, with_q=with_q, alpha=alpha)
+            except ValueError:
+                continue
+            out.append((-fj.a, fj.q))
+        return np.asarray(out).reshape(-1, 2)
+
+    f = fit_power_law(lam, eps, with_q=False)
+    q_jk = None
+    if len(per) >= 3 and lam.size >= 5:
+        fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        if fq.q_kept:
+            q_jk = _jackknife_sd(jackknife(True)[:, 1])
+            if q_jk is not None and fq.q > Q1_JACKKNIFE_Z * q_jk:
+                f = fq
+        f = dataclasses.replace(f, q_test={**(fq.q_test or {}), "sigma_q1_jackknife": q_jk,
+                                           "z_jackknife": Q1_JACKKNIFE_Z})
+    s_jk = (_jackknife_sd(jackknife(f.q_kept if jackknife_q is None else jackknife_q)[:, 0])
+            if len(per) >= 3 else None)
+    return f, s_jk, q_jk
+
+
 def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
                alpha: float = Q_ALPHA, **elbow_kw) -> tuple[Exponent, Exponent]:
     """gamma1 without hand choices: one pooled fit of Eq. 3 on every P's early window.
@@ -1054,46 +1106,8 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
     if not per:
         why = "no P has a detectable early power-law window"
         return Exponent.undetermined(method, why), Exponent.undetermined(app, why)
-    lam = np.concatenate([p["lam"] for p in per])
-    eps = np.concatenate([p["eps"] for p in per])
-    f0 = fit_power_law(lam, eps, with_q=False)
-
-    def jackknife(with_q):
-        out = []
-        for j in range(len(per)):
-            lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
-            ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
-            try:
-                fj = fit_power_law(lj, ej, with_q=with_q)
-            except ValueError:
-                continue
-            out.append((-fj.a, fj.q))
-        return np.asarray(out).reshape(-1, 2)
-
-    def jk_sd(v):
-        n = v.size
-        return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
-
-    # q1 (Eq. 3's floor) is kept when the F test asks for it AND it is positive and stable when
-    # any one P is left out (|q1| > Q1_JACKKNIFE_Z jackknife sigmas): the bend of each curve
-    # into its elbow also looks like a q1 to the F test on pooled points, but it sits at a
-    # different lambda for every P, so its "q1" moves when a P is dropped; a real floor does not.
-    f, q_jk = f0, None
-    if len(per) >= 3 and lam.size >= 5:
-        fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
-        if fq.q_kept and fq.q > 0:
-            jq = jackknife(True)
-            q_jk = jk_sd(jq[:, 1])
-            if q_jk is not None and fq.q > Q1_JACKKNIFE_Z * q_jk:
-                f = fq
-    jk = jackknife(f.q_kept)[:, 0] if len(per) >= 3 else np.empty(0)
-    s_jk = jk_sd(jk)
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q=None)
     sigma = s_jk if s_jk is not None else f.sigma_a
-    if f.q_test is None and f0 is f:
-        f = dataclasses.replace(f, q_test={"F": None, "p": None, "alpha": alpha,
-                                           "note": "q1 not tested (fewer than 3 P)"})
-    f = dataclasses.replace(f, q_test={**(f.q_test or {}), "sigma_q1_jackknife": q_jk,
-                                       "z_jackknife": Q1_JACKKNIFE_Z})
     windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
     g1 = Exponent(value=-f.a, sigma=sigma, method=method, n=f.n_points, k=f.k, q=f.q,
                   sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test, chi2_red=f.chi2_red,
@@ -1115,11 +1129,6 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
         gad = Exponent(value=float(g[0]), sigma=float(per[0]["sigma"]), method=app, n=1,
                        reason="one P: sigma is that fit's error")
     return g1, gad
-
-
-def _jackknife_sd(v: np.ndarray) -> float | None:
-    n = v.size
-    return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
 
 
 def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int], *,
@@ -1181,26 +1190,7 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
                     "lam": lam[sel], "eps": eps[sel]})
     if len(per) < 3:
         return None
-    lam = np.concatenate([p["lam"] for p in per])
-    eps = np.concatenate([p["eps"] for p in per])
-    f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
-
-    def jackknife(with_q):
-        out = []
-        for j in range(len(per)):
-            lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
-            ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
-            fj = fit_power_law(lj, ej, with_q=with_q, alpha=alpha)
-            out.append((-fj.a, fj.q))
-        return np.asarray(out)
-
-    q_jk = None
-    if f.q_kept:  # q1 must also be stable when any one P is left out (see fit_gamma1)
-        q_jk = _jackknife_sd(jackknife(True)[:, 1])
-        if q_jk is None or f.q <= Q1_JACKKNIFE_Z * q_jk:
-            f = dataclasses.replace(fit_power_law(lam, eps, with_q=False), q_test={
-                **(f.q_test or {}), "sigma_q1_jackknife": q_jk, "z_jackknife": Q1_JACKKNIFE_Z})
-    s_jk = _jackknife_sd(jackknife("auto")[:, 0])
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q="auto")
     g = np.array([p["gamma1"] for p in per])
     w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
     chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
