@@ -711,7 +711,14 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> d
     h = float(np.mean(np.diff(u[lo_:hi_ + 1]))) if hi_ > lo_ else float("nan")
     tail = v[i + 1:][-3:]
     rises = bool(i < T - 1 and tail.size and tail.mean() - v[i] > max(3.0 * noise, 0.01))
+    # A conservative lower bound of lambda_opt when the minimum is not bracketed: the first
+    # point whose error is within the bracketing tolerance of the lowest one (on a flat end the
+    # lowest point may lie past the true minimum; a point that is still significantly higher
+    # lies before it).
+    tol = max(3.0 * noise, 0.01)
+    ib = int(np.flatnonzero(v <= v[i] + tol)[0])
     out = {"lambda_opt": float(np.exp(u[i])), "eps_opt": float(np.exp(v[i])),
+           "lambda_bound": float(np.exp(u[ib])),
            "sigma_ln_lambda_opt": h / math.sqrt(12.0) if np.isfinite(h) else None,
            "sigma_ln_eps_opt": noise, "bracketed": bool(rises and i > 0), "method": "argmin",
            "index": i, "lambda_argmin": float(np.exp(u[i])), "eps_argmin": float(np.exp(v[i])),
@@ -818,7 +825,8 @@ def optimum_per_P(curves: dict, method: str = "vertex", seed_opt: pd.DataFrame |
              "sigma_ln_lambda_opt": o["sigma_ln_lambda_opt"], "eps_opt": o["eps_opt"],
              "sigma_ln_eps_opt": o["sigma_ln_eps_opt"], "bracketed": o["bracketed"],
              "opt_method": o["method"], "lambda_argmin": o["lambda_argmin"],
-             "eps_argmin": o["eps_argmin"], "grid_step": o["grid_step"], "noise": o["noise"],
+             "eps_argmin": o["eps_argmin"], "lambda_bound": o["lambda_bound"],
+             "grid_step": o["grid_step"], "noise": o["noise"],
              "eps_end": float(last["eps"]), "lambda_end": float(last["lam"])}
         if sd is not None:
             g = sd.loc[int(P)]
@@ -1078,6 +1086,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
                                            "z_jackknife": Q1_JACKKNIFE_Z})
     s_jk = (_jackknife_sd(jackknife(f.q_kept if jackknife_q is None else jackknife_q)[:, 0])
             if len(per) >= 3 else None)
+    if s_jk is not None:  # n_P - 1 degrees of freedom: +-sigma a 68 % interval (Student t)
+        s_jk *= float(stats.t.ppf(stats.norm.cdf(1.0), len(per) - 1))
     return f, s_jk, q_jk
 
 
@@ -1189,7 +1199,12 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
                     "lambda_start": float(lam[m][0]), "lambda_elbow": float(lam[m][-1]),
                     "lambda_fit_end": float(lam[sel].max()), "n_points": int(sel.sum()),
                     "lam": lam[sel], "eps": eps[sel]})
-    if len(per) < 3:
+    # P without a bracketed minimum have no lambda_opt to place the shared window, but their
+    # early power law does not need one (a log-log slope does not depend on lambda_opt's
+    # normalization): their own detected window (detect_elbow, in absolute lambda) joins.
+    n_shared = len(per)
+    per += _window_fits(curves, [P for P in P_used if P not in cur], log, {})
+    if n_shared < 3:
         return None
     f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q="auto")
     g = np.array([p["gamma1"] for p in per])
@@ -1198,13 +1213,16 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
     windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
     method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) on "
               "one early window x = lambda/lambda_opt <= x_e shared by the bracketed P (x_e: the "
-              "widest that Eq. 3 fits within noise), first 2/3 of each; sigma: jackknife over P")
+              "widest that Eq. 3 fits within noise; P without a bracketed minimum: their own "
+              "detected window), first 2/3 of each; sigma: jackknife over P")
     g1 = Exponent(value=-f.a, sigma=s_jk if s_jk is not None else f.sigma_a, method=method,
                   n=f.n_points, k=f.k, q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept,
                   q_test=f.q_test, chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
                   x_range=list(f.x_range),
                   detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
                           "x_e": float(best), "noise": noise, "sigma_cov": f.sigma_a,
+                          "P_shared_window": sorted(cur), "P_own_window": [
+                              p["P"] for p in per[n_shared:]],
                           "sigma_jackknife": s_jk, "per_P": windows, "slopes_chi2": chi2,
                           "slopes_dof": int(g.size - 1),
                           "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
@@ -1347,6 +1365,141 @@ def fit_gamma_eps(opt_P: pd.DataFrame, P_used: Sequence[int], column: str = "eps
             return e
     return fit_exponent(sub["P"].to_numpy(float), sub[column].to_numpy(float), sign=-1,
                         method=method, with_q=with_q, alpha=alpha, detail=detail)
+
+
+# ----------------------------------------------------------------------------------------------
+# Censored (Tobit) power law: unbracketed minima as bounds
+# ----------------------------------------------------------------------------------------------
+
+def _censored_nll(p, lx, ly, cens, bound, m2):
+    """Negative log-likelihood of ln y = c + a ln x + e, e ~ N(0, s^2 + m_i^2), s = exp(p[2]).
+
+    Observed points (cens False) enter as Gaussian densities; censored ones as the probability
+    of lying beyond their bound: bound = +1, the true ln y >= ly (a lower bound); -1, <= ly."""
+    mu = p[0] + p[1] * lx
+    sd = np.sqrt(math.exp(2.0 * p[2]) + m2)
+    z = (ly - mu) / sd
+    obs = ~cens
+    nll = float(np.sum(0.5 * z[obs] ** 2 + np.log(sd[obs]))) + 0.5 * math.log(2 * math.pi) * obs.sum()
+    if cens.any():
+        nll -= float(np.sum(stats.norm.logcdf(-bound * z[cens])))
+    return nll
+
+
+def fit_censored_power_law(x, y, censored, *, bound: int, sigma_meas=None, method: str,
+                           sign: int, detail: dict | None = None, min_observed: int = 2,
+                           span: float = 3.0) -> Exponent:
+    """y = k x^(sign gamma) with some y only bounded (Tobit maximum likelihood in log space).
+
+    A minimum that training did not bracket is a censored observation: lambda_opt(P) >= the
+    lambda of the curve's lowest point (``bound=+1``), eps_opt(P) <= the error there
+    (``bound=-1``). The model is ln y_i = ln k + a ln x_i + e_i with e_i ~ N(0, s^2 + m_i^2):
+    s the scatter about the law (fitted), m_i each point's own measurement error
+    (``sigma_meas``, in ln units: the vertex error or the grid step / sqrt(12)). Observed points
+    contribute Gaussian densities, censored ones the probability of lying beyond their bound
+    (Tobin 1958; the survival term). ln k, a, ln s by maximum likelihood.
+
+    Error of a: the profile likelihood (ln k and ln s re-maximized on a grid of a): the half
+    width of the interval where 2 (nll(a) - nll_min) <= 1, scaled by the Student-t quantile
+    t_0.8413(n - 3) (the ML scatter s is biased low with a few points), so that +-sigma is a
+    68 % interval; the observed-information error is in ``detail.sigma_information``.
+
+    Determined when >= ``min_observed`` points are observed, >= 3 in all, and the profile
+    likelihood closes on both sides within ``span`` of the estimate; otherwise not determined,
+    with the reason (e.g. every point censored: the bounds alone do not bound gamma).
+
+    Args:
+      x, y: shape [n], positive.
+      censored: bool [n], True where y is only a bound.
+      bound: +1 (censored y are lower bounds) or -1 (upper bounds).
+      sigma_meas: per-point errors of ln y, [n] (None: 0).
+      sign: +1 for growing laws (returns gamma = a), -1 for decaying ones (gamma = -a).
+
+    Returns:
+      :class:`Exponent` (k, cov of [ln k, a], resid_sd = s, detail with the censored points).
+
+    Raises:
+      ValueError: a bad ``bound`` or mismatched shapes.
+    """
+    if bound not in (1, -1):
+        raise ValueError(f"bound must be +1 or -1, got {bound!r}")
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    cens = np.asarray(censored, bool)
+    m = np.zeros_like(x) if sigma_meas is None else np.nan_to_num(np.asarray(sigma_meas, float))
+    if not (x.shape == y.shape == cens.shape == m.shape):
+        raise ValueError("x, y, censored and sigma_meas must have the same shape")
+    lx, ly, m2 = np.log(x), np.log(y), m * m + 1e-8
+    n_obs, n = int((~cens).sum()), int(x.size)
+    detail = {**(detail or {}), "n_observed": n_obs, "n_censored": n - n_obs,
+              "bound": "lower" if bound > 0 else "upper"}
+    if n_obs < min_observed or n < MIN_P_FIT:
+        return Exponent.undetermined(method, f"{n_obs} observed and {n - n_obs} censored points: "
+                                     f"need >= {min_observed} observed and >= {MIN_P_FIT} in all",
+                                     n=n)
+    X = np.column_stack([np.ones(n), lx])
+    c0, *_ = np.linalg.lstsq(X[~cens], ly[~cens], rcond=None)
+    r0 = ly[~cens] - X[~cens] @ c0
+    p0 = np.array([c0[0], c0[1], math.log(max(float(np.std(r0)), 0.02))])
+    nll = lambda p: _censored_nll(p, lx, ly, cens, bound, m2)  # noqa: E731
+    best = None
+    for start in (p0, p0 + [0.0, 0.0, 1.0], np.array([*np.linalg.lstsq(X, ly, rcond=None)[0], 0.0])):
+        r = optimize.minimize(nll, start, method="Nelder-Mead",
+                              options={"xatol": 1e-7, "fatol": 1e-9, "maxiter": 4000})
+        if best is None or r.fun < best.fun:
+            best = r
+    ph, fmin = best.x, float(best.fun)
+
+    def profile(a):
+        r = optimize.minimize(lambda q: nll([q[0], a, q[1]]), [ph[0] + (ph[1] - a) * lx.mean(), ph[2]],
+                              method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-9})
+        return float(r.fun) - fmin
+
+    ends = []
+    for d in (-1.0, 1.0):  # where 2 delta nll = 1, bisection on the profile
+        lo_, hi_ = 0.0, None
+        step = 0.02
+        while step <= span:
+            if profile(ph[1] + d * step) >= 0.5:
+                hi_ = step
+                break
+            lo_, step = step, step * 2.0
+        if hi_ is None:
+            return Exponent.undetermined(
+                method, f"the likelihood does not bound the exponent on the "
+                f"{'low' if d * sign < 0 else 'high'} side ({n_obs} observed, {n - n_obs} censored "
+                f"points)", n=n)
+        for _ in range(30):
+            mid = 0.5 * (lo_ + hi_)
+            lo_, hi_ = (mid, hi_) if profile(ph[1] + d * mid) < 0.5 else (lo_, mid)
+        ends.append(0.5 * (lo_ + hi_))
+    dof = max(n - 3, 1)
+    t = float(stats.t.ppf(stats.norm.cdf(1.0), dof))
+    sig = 0.5 * (ends[0] + ends[1]) * t
+    # observed information (numerical Hessian of nll in (ln k, a, ln s))
+    h = 1e-4
+    H = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            e_i, e_j = np.eye(3)[i] * h, np.eye(3)[j] * h
+            H[i, j] = (nll(ph + e_i + e_j) - nll(ph + e_i - e_j) - nll(ph - e_i + e_j)
+                       + nll(ph - e_i - e_j)) / (4 * h * h)
+    try:
+        cov = np.linalg.inv(H)
+        s_info = float(math.sqrt(cov[1, 1])) if cov[1, 1] > 0 else None
+    except np.linalg.LinAlgError:
+        cov, s_info = np.full((3, 3), np.nan), None
+    s_hat = math.exp(ph[2])
+    ratio = (sig / t) / s_info if s_info else 1.0
+    cov2 = (cov[:2, :2] * ratio ** 2).tolist() if np.all(np.isfinite(cov[:2, :2])) else None
+    viol = [int(i) for i in np.flatnonzero(cens & (bound * (ph[0] + ph[1] * lx - ly) < 0))]
+    detail.update(sigma_information=s_info, sigma_profile=0.5 * (ends[0] + ends[1]),
+                  profile_ends=[float(ph[1] - ends[0]), float(ph[1] + ends[1])], t_factor=t,
+                  scatter=s_hat, censored_x=[float(v) for v in x[cens]],
+                  censored_bounds=[float(v) for v in y[cens]],
+                  bounds_below_law=[float(x[i]) for i in viol], nll=fmin)
+    return Exponent(value=sign * float(ph[1]), sigma=float(sig), method=method, n=n,
+                    k=float(math.exp(ph[0])), chi2_red=None, cov=cov2, resid_sd=s_hat,
+                    x_range=[float(x.min()), float(x.max())], detail=detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1507,8 +1660,12 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
     else:
         g1 = out["gamma1"]
         q1 = (g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None
-        out["gamma2"] = fit_gamma2(opt_P, P_used, alpha=alpha)
-        out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha, q1=q1)
+        out["gamma2_bracketed"] = out["gamma2"] = fit_gamma2(opt_P, P_used, alpha=alpha)
+        out["gamma_opt_bracketed"] = out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt",
+                                                                      alpha=alpha, q1=q1)
+        sub = opt_P[opt_P["P"].isin(list(P_used))]
+        if not sub["bracketed"].astype(bool).all():
+            out["gamma2"], out["gamma_opt"], out["gamma2_end_convention"] = _censored_laws(sub)
     out["gamma2_argmin"] = fit_gamma2(
         opt_P, P_used, column="lambda_argmin", require_bracketed=False, with_q=False,
         method="Appendix D definition: log-log line of the seed-mean curve's grid arg-min vs P")
@@ -1516,10 +1673,16 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         opt_P, P_used, column="lambda_seed_argmins", require_bracketed=False, with_q=False,
         method="authors' gamma2 input: log-log line of the mean over seeds of each seed's "
                "grid arg-min lambda vs P")
+    for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention"):
+        out.setdefault(k, out["gamma2"] if k == "gamma2_bracketed" else
+                       out["gamma_opt"] if k == "gamma_opt_bracketed" else out["gamma2_argmin"])
     g1 = out["gamma1"]
     out["gamma_end"] = fit_gamma_eps(opt_P, P_used, "eps_end", alpha=alpha,
                                      with_q=False if authors else "auto",
                                      q1=(g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None)
+    if not authors:
+        for k in ("gamma2", "gamma2_bracketed", "gamma_opt", "gamma_opt_bracketed", "gamma_end"):
+            out[k] = _t_scaled(out[k])
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
@@ -1528,6 +1691,73 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         gm, method=f"gamma_meas on {on}: " + gm.method,
         detail={**(gm.detail or {}), "quantity": on})
     return out
+
+
+def _t_scaled(e: Exponent) -> Exponent:
+    """A least-squares exponent whose sigma comes from the scatter of n points (n - n_par
+    degrees of freedom) with sigma scaled by the Student-t quantile t_0.8413(dof), so that
+    +-sigma is a 68 % interval (x1.32 at 2 dof, x1.14 at 4, x1.09 at 6); the unscaled sigma
+    stays in ``detail.sigma_unscaled``. Censored fits (already scaled) and undetermined
+    exponents pass unchanged."""
+    if not e.determined or e.cov is None or (e.detail or {}).get("t_factor") is not None:
+        return e
+    dof = max(e.n - len(e.cov), 1)
+    t = float(stats.t.ppf(stats.norm.cdf(1.0), dof))
+    return dataclasses.replace(e, sigma=e.sigma * t, detail={**(e.detail or {}), "t_factor": t,
+                                                             "sigma_unscaled": e.sigma})
+
+
+def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent]:
+    """gamma2 and gamma_opt with the unbracketed minima as censored points, and the
+    end-of-training convention fit of gamma2 (the paper's: the lowest point taken as lambda_opt).
+
+    An unbracketed minimum bounds the optimum (training stopped while eps was falling or
+    flat): lambda_opt(P) >= ``lambda_bound``, the first point whose error is within the
+    bracketing tolerance max(3 noise, 1 %) of the lowest one (on a flat end the lowest point
+    itself may lie past the true minimum: taking it as the bound biased gamma2 by +0.7 sigma in
+    the study), and eps_opt(P) <= the lowest error. Both laws are fitted by
+    :func:`fit_censored_power_law` (bracketed P: vertex value and error; censored P: the bound,
+    error grid step / sqrt(12) resp. the curve noise). Every P is listed in
+    ``detail``. The value is reported only when the likelihood determines it (>= 2 bracketed P,
+    a closed profile likelihood); with every minimum censored gamma2 is not determined and
+    ``detail.lambda_opt_lower_bounds`` gives what the data do say.
+
+    Args:
+      sub: rows of :func:`optimum_per_P` for P >= p_min.
+    """
+    br = sub["bracketed"].astype(bool).to_numpy()
+    P = sub["P"].to_numpy(float)
+    step = np.nan_to_num(sub["grid_step"].to_numpy(float)) / math.sqrt(12.0)
+    lam = np.where(br, sub["lambda_opt"], sub["lambda_bound"]).astype(float)
+    s_lam = np.where(br, np.nan_to_num(sub["sigma_ln_lambda_opt"].to_numpy(float)), step)
+    eps = np.where(br, sub["eps_opt"], sub["eps_argmin"]).astype(float)
+    s_eps = np.where(br, np.nan_to_num(sub["sigma_ln_eps_opt"].to_numpy(float)),
+                     np.nan_to_num(sub["noise"].to_numpy(float)))
+    det = {"P": [int(p) for p in P], "censored_P": [int(p) for p in P[~br]]}
+    g2 = fit_censored_power_law(
+        P, lam, ~br, bound=+1, sigma_meas=s_lam, sign=+1, detail=dict(det),
+        method="censored (Tobit) maximum-likelihood fit of Eq. 4 in log space: bracketed "
+               "minima as Gaussian points, unbracketed ones as lower bounds lambda_opt(P) >= "
+               "lambda_bound (first point within noise of the lowest); scatter fitted; sigma: "
+               "profile likelihood, Student t")
+    bounds = {int(p): float(v) for p, v, b in zip(P, lam, br) if not b}
+    if not g2.determined:
+        g2 = dataclasses.replace(
+            g2, reason=f"{g2.reason}; minimum not bracketed at P = {det['censored_P']}: "
+                       "lambda_opt only bounded below there (detail.lambda_opt_lower_bounds)",
+            detail={**det, "lambda_opt_lower_bounds": bounds, "n_bracketed": int(br.sum())})
+    go = fit_censored_power_law(
+        P, eps, ~br, bound=-1, sigma_meas=s_eps, sign=-1, detail=dict(det),
+        method="censored (Tobit) maximum-likelihood fit of eps_opt(P) (Eq. 6 at the optimum): "
+               "unbracketed minima as upper bounds eps_opt(P) <= eps at the lowest point; no q; "
+               "sigma: profile likelihood, Student t")
+    lam_low = np.where(br, sub["lambda_opt"], sub["lambda_argmin"]).astype(float)
+    end = fit_exponent(P, lam_low, sign=+1, with_q=False,
+                       method="end-of-training convention (the paper's): log-log line of "
+                              "lambda_opt(P), the lowest point's lambda where the minimum is not "
+                              "bracketed (a lower bound used as a value)",
+                       detail={**det, "note": "unbracketed minima used as if they were minima"})
+    return g2, go, end
 
 
 def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple | None = None,
@@ -1614,8 +1844,9 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
     ok = [P for P in Ps if bool(opt_P.set_index("P").loc[P, "bracketed"])] or Ps
     s["collapse"] = collapse_quality(rescaled_curves(curves, opt_P, [P for P in P_used if P in ok]))
     s["collapse_all_P"] = collapse_quality(rescaled_curves(curves, opt_P, Ps))
-    for name in ("gamma1", "gamma1_appendix_d", "gamma2", "gamma2_argmin", "gamma2_seed_argmins",
-                 "gamma_opt", "gamma_end", "gamma_meas", "gamma_pred"):
+    for name in ("gamma1", "gamma1_appendix_d", "gamma2", "gamma2_bracketed",
+                 "gamma2_end_convention", "gamma2_argmin", "gamma2_seed_argmins", "gamma_opt",
+                 "gamma_opt_bracketed", "gamma_end", "gamma_meas", "gamma_pred"):
         s[name] = core[name].to_dict()
     g1, g2, gm, gp = core["gamma1"], core["gamma2"], core["gamma_meas"], core["gamma_pred"]
     if g1.determined and g1.detail and "per_P" in g1.detail:
