@@ -13,7 +13,9 @@ Generator (truth: gamma1 = g1, gamma2 = g2, gamma_meas = gamma_pred = g1 g2):
   log-normal jitter; eps(lambda; P) = A lambda_opt^-g1 Phi(lambda / lambda_opt) + q1,
   Phi(x) = (x^(-g1 n) + (g1/beta) x^(beta n))^(1/n) (a smooth corner of sharpness n; minimum at
   x = 1; beta > 0 sets the overfitting slope, small beta = saturating); lambda(t) log-linear in
-  t from lambda0 to 3 lambda_opt(P); each test error times a log-normal noise.
+  t from lambda0 to 3 lambda_opt(P) (scenario "censored": to at most 0.7 lambda_opt(P_max), so
+  the largest P never reach their minimum); each test error times a log-normal noise. Held-out
+  P whose minimum is not bracketed are not scored (there is no measured optimum to compare).
 
     nice -n 10 python bench/bench_analysis.py [--n 50] [--out bench/analysis.json] [--only NAME]
     python bench/bench_analysis.py --table        # the table of a saved run

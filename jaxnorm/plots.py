@@ -309,14 +309,15 @@ def fig8_fits(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
         b.plot(oo["P"], oo["lambda_opt"], "o", color="0.7", ms=4, label=r"$P < P_{min}$")
     nb = opt[~br]
     if len(nb):
-        b.plot(nb["P"], nb["lambda_opt"], ">", mfc="none", color="k", ms=5,
-               label="not bracketed (lower bound)")
+        b.plot(nb["P"], nb["lambda_bound"] if "lambda_bound" in nb else nb["lambda_opt"], "^",
+               mfc="none", color="k", ms=5, label="not bracketed: lower bound (censored)")
     g2 = _exp(summary, "gamma2")
     if g2:
         PP = np.geomspace(opt["P"].min(), opt["P"].max(), 100)
         b.plot(PP, g2["k"] * PP ** g2["value"] + (g2.get("q") or 0.0), "k--", lw=1.0,
                label=rf"$\gamma_2$ = {g2['value']:.3f} $\pm$ {g2['sigma']:.3f}"
-                     + (rf", $q_2$={g2['q']:.3g}" if g2.get("q_kept") else ""))
+                     + (rf", $q_2$={g2['q']:.3g}" if g2.get("q_kept") else "")
+                     + (" (censored fit)" if "Tobit" in (g2.get("method") or "") else ""))
     elif (summary.get("gamma2") or {}).get("reason"):
         b.text(0.03, 0.04, "gamma2 not determined:\n" + textwrap.fill(summary["gamma2"]["reason"], 60),
                transform=b.transAxes, fontsize=6)

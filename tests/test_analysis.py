@@ -341,6 +341,33 @@ def test_censored_minima_enter_gamma2_as_bounds():
     assert s["gamma2_bracketed"]["n"] == len(s["optima"]) - len(cens)
 
 
+def test_model_averaged_sigma_carries_the_q_term_uncertainty():
+    # 7 points, a floor worth ~15 % at the largest x: sigma = sqrt(sum_m w_m (s_m^2 + (g_m -
+    # g)^2)), w from the harsher of AICc and BIC (written out here), s_m Student-t scaled.
+    x = np.geomspace(1000, 64000, 7)
+    rng = np.random.default_rng(11)
+    y = (3.0 * x ** -0.4 + 0.006) * np.exp(0.01 * rng.standard_normal(7))
+    e = A.fit_exponent(x, y, sign=-1, method="t", average_q=True)
+    f0 = A.fit_power_law(x, y, with_q=False)
+    fq = A.fit_power_law(x, y, with_q=True)
+    n = 7
+    sse0, sseq = f0.chi2_red * (n - 2), fq.chi2_red * (n - 3)
+
+    def aicc(sse, k):
+        return n * math.log(sse / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
+
+    d = max(aicc(sseq, 3) - aicc(sse0, 2),
+            n * math.log(sseq / n) + 3 * math.log(n) - n * math.log(sse0 / n) - 2 * math.log(n))
+    wq = 1 / (1 + math.exp(d / 2))
+    assert e.detail["model_average"]["w_q"] == pytest.approx(wq, rel=1e-9)
+    t2, t3 = (stats.t.ppf(stats.norm.cdf(1.0), k) for k in (n - 2, n - 3))
+    g = -e.value
+    var = ((1 - wq) * ((f0.sigma_a * t2) ** 2 + (f0.a - g) ** 2)
+           + wq * ((fq.sigma_a * t3) ** 2 + (fq.a - g) ** 2))
+    assert e.sigma == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert e.sigma >= (fq.sigma_a * t3 if e.q_kept else f0.sigma_a * t2) * math.sqrt(min(wq, 1 - wq))
+
+
 def test_q_rule_false_positive_rate():
     # The calibration: 200 pure power laws (8 P, 2 % noise): q kept in <= 5 %
     # (F test at Q_ALPHA = 0.01: measured 2/200).
