@@ -559,8 +559,8 @@ def fit_exponent(x, y, *, sign: int, method: str, with_q: bool | str = "auto",
       with_q, alpha: see :func:`fit_power_law`.
       detail: extra fields.
       average_q: carry the q-term model uncertainty into sigma (the value stays the one of the
-        model the F test chose): sigma^2 = sum over {without q, with q > 0} of the AICc weight
-        times (sigma_m^2 + (gamma_m - gamma)^2), each sigma_m Student-t scaled to a 68 %
+        model the F test chose): sigma^2 = sum over {without q, with q > 0} of the weight
+        (:func:`_q_weight`: the harsher of AICc and BIC) times (sigma_m^2 + (gamma_m - gamma)^2), each sigma_m Student-t scaled to a 68 %
         interval (``detail.model_average``). Needs >= 5 points.
 
     Returns:
@@ -1145,8 +1145,7 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
     if s_jk is not None:  # n_P - 1 degrees of freedom: +-sigma a 68 % interval (Student t)
         s_jk *= _t68(len(per) - 1)
         # The q1 model uncertainty (the reported q1 keeps the calibrated rule above): when the
-        # F test asks for a q1 > 0 that the jackknife rule then rejects (or the reverse cannot
-        # happen: a kept q1 passed both), sigma is averaged over the fits without and with q1,
+        # F test asks for a q1 > 0 that the jackknife rule then rejects, sigma is averaged over the fits without and with q1,
         # information-criterion weights, between-model term included. Not otherwise: the bend
         # of every window into its elbow gives the q1 fit some weight on pure power laws too
         # (averaging always over-covered: 88-92 % in the study's base scenario).
@@ -1874,7 +1873,9 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
     Returns:
       JSON-ready summary dict: labels, choices, p_min, P_used, optima (per P), seed_optima,
       collapse quality, every exponent as a serialized :class:`Exponent` (gamma1,
-      gamma1_appendix_d, gamma2, gamma2_argmin, gamma2_seed_argmins, gamma_opt, gamma_end,
+      gamma1_appendix_d, gamma2 (censored fit when some P >= p_min are not bracketed),
+      gamma2_bracketed, gamma2_end_convention, gamma2_argmin, gamma2_seed_argmins, gamma_opt,
+      gamma_opt_bracketed, gamma_end,
       gamma_meas = the one Table 1 uses, gamma_pred), comparison, thresholds, warnings,
       table1, table2.
 
