@@ -1,38 +1,62 @@
 """Scaling-law analysis of learning curves against the spectral complexity norm.
 
-Implements Sec. 3.2, Sec. 4 and Appendix D of D'Amico, Bocchi, Negri (2025):
+Implements Sec. 3.2, Sec. 4 and Appendix D of D'Amico, Bocchi, Negri (2025) on the tidy results
+table of ``jaxnorm.results.load`` (one row per replica and evaluation point), or on curves already
+averaged over seeds on a lambda grid (constant seed, epoch = grid index; :func:`load_mean_curves`).
 
-* per (P, seed) learning curves eps(lambda(t)), lambda = spectral complexity (Eq. 2);
-* the optimum (lambda_opt(P), eps_opt(P)) at the minimum test error, mean and spread over seeds;
-* the early, P-independent power law eps = k1 lambda^-gamma1 + q1 (Eq. 3) on a detected
-  pure power-law window that ends at lambda_elbow(P);
-* lambda_opt = k2 P^gamma2 + q2 (Eq. 4);
-* the collapse eps/eps_opt = Phi(lambda/lambda_opt) (Eq. 5) and a numeric collapse quality;
-* gamma_meas from eps(P) at the end of training, gamma_pred = gamma1 gamma2 with the error
-  propagation of Appendix D, also by a bootstrap over seeds;
-* the thresholds P_- and P_+ of Eq. 6 (Sec. 4).
+Two modes of :func:`analyze`:
 
-Everything consumes the tidy results DataFrame of ``jaxnorm.results.load`` (one row per replica
-and evaluation point), so tests and notebooks can feed synthetic frames from
-:func:`synthetic_curves`. Exponents are reported as positive numbers: eps ~ lambda^-gamma1,
+* **the authors' procedure** (Appendix D and their notebook, ``Francill99/deep_norm``
+  ``analysis/Main_analysis_notebook.ipynb``), on request:
+  ``analyze(df, p_min=P, gamma1_window=(lo, hi), optimum="argmin")``: lambda_opt, eps_opt at the
+  grid arg-min of each P's seed-mean curve; gamma1 = mean over P >= p_min of the least-squares
+  log-log slopes of eps/eps_opt vs lambda/lambda_opt inside lo <= lambda/lambda_opt <= hi;
+  sigma1 = sqrt(sum_i sigma_i^2 / n) (their code; it reproduces their stored sigma1 exactly);
+  gamma2 = log-log line of lambda_opt vs P over P >= p_min with the slope's standard error.
+* **automatic** (the default), no hand choices, validated by ``bench/bench_analysis.py``
+  (BUILD.md, "Analysis"): a minimum that is not bracketed (the seed-mean curve does not rise
+  significantly after it) is marked and never used as a minimum; lambda_opt, eps_opt of the
+  bracketed P from one joint fit of their minima on the collapse (:func:`collapse_optima`; a
+  parabola vertex per curve as fallback), not quantized to the evaluation grid; gamma1 from one
+  pooled fit of Eq. 3 on an early window shared on the collapse (:func:`fit_gamma1_collapse`,
+  per-curve windows as fallback; P without a bracketed minimum join with their own window),
+  error from a delete-one-P jackknife; gamma2 and gamma_opt from log-space fits of Eq. 4 and
+  Eq. 6 over the bracketed P, slope errors from the scatter across P; when some P >= p_min are
+  not bracketed, their minima are censored observations (lambda_opt >= a bound, eps_opt <= the
+  lowest error) and gamma2, gamma_opt come from a censored (Tobit) maximum-likelihood fit
+  (:func:`fit_censored_power_law`; >= 2 bracketed P, otherwise "not determined" with the
+  reason and the bounds), the bracketed-only fit and the paper's end-of-training convention
+  beside them; q terms only when a nested-model F test at level ``Q_ALPHA`` asks for them and
+  q > 0, their model uncertainty carried into sigma by model averaging; sigmas from few
+  degrees of freedom are Student-t scaled so that +-sigma is a 68 % interval.
+
+Every exponent is one typed object, :class:`Exponent` (value, sigma, method, n, ...), serialized
+as ``{"value": ..., "sigma": ..., ...}``. Exponents are positive: eps ~ lambda^-gamma1,
 lambda_opt ~ P^gamma2, eps ~ P^-gamma (the paper's gamma_tot = -gamma1 gamma2 of Eq. 6).
+:func:`predict` turns a summary into eps_opt and lambda_opt at an unseen P.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
 import os
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize
+from scipy import optimize, stats
 
 REQUIRED_COLUMNS = ("P", "seed", "epoch", "test_error", "spectral_complexity")
-_Q_THRESHOLD = 3.0  # keep a q term only if |q| > 3 sigma_q (Sec. 4: q1, q2 "compatible with zero")
+# Level of the nested-model F test that keeps a q term (Eqs. 3, 4, 6). Calibrated in
+# tests/test_analysis.py::test_q_rule_false_positive_rate: on 200 pure power laws with 2 % noise
+# a q is kept in <= 5 % of them (measured: 2 of 200).
+Q_ALPHA = 0.01
+# Smallest number of values of P for gamma2 / gamma_opt: a line through 2 points has no error.
+MIN_P_FIT = 3
 
 
 class AnalysisWarning(UserWarning):
@@ -40,14 +64,111 @@ class AnalysisWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------------
+# The one result type
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Exponent:
+    """One fitted exponent (gamma1, gamma2, gamma_pred, gamma_opt, gamma_end, gamma_meas).
+
+    Attributes:
+      value: the exponent (positive convention, see the module docstring); None if not determined.
+      sigma: its one-sigma error; None if not determined.
+      method: how it was obtained (one sentence).
+      n: number of points that entered the fit (values of P, or curve points for gamma1).
+      determined: False when the data cannot give it; ``reason`` then says why.
+      reason: why it is not determined (or a caveat).
+      k, q, sigma_q: prefactor and additive constant of the power law y = k x^(+-value) + q.
+      q_kept: whether q is in the model (nested-model F test at level Q_ALPHA).
+      q_test: {F, p, alpha} of that test (None if not run).
+      chi2_red: residual variance of the log fit per degree of freedom (ln units^2) or, for
+        weighted fits, the reduced chi^2.
+      cov: covariance of the fit parameters [ln k, slope(, q)] (slope = d ln y / d ln x).
+      resid_sd: rms residual of ln y (the scatter of one point about the law).
+      x_range: [min x, max x] of the fit.
+      detail: everything else (per-P fits, alternative sigmas, ...).
+    """
+
+    value: float | None
+    sigma: float | None
+    method: str
+    n: int = 0
+    determined: bool = True
+    reason: str | None = None
+    k: float | None = None
+    q: float = 0.0
+    sigma_q: float = 0.0
+    q_kept: bool = False
+    q_test: dict | None = None
+    chi2_red: float | None = None
+    cov: list | None = None
+    resid_sd: float | None = None
+    x_range: list | None = None
+    detail: dict | None = None
+
+    @classmethod
+    def undetermined(cls, method: str, reason: str, n: int = 0) -> "Exponent":
+        return cls(value=None, sigma=None, method=method, n=n, determined=False, reason=reason)
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Exponent":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _exp_dict(e) -> dict:
+    """An Exponent or its serialized dict, as a dict (for tables and plots)."""
+    if e is None:
+        return {}
+    return e.to_dict() if isinstance(e, Exponent) else dict(e)
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
+
+def _check_csv(path: str, required: Sequence[str] = ()) -> None:
+    """Raises ValueError naming ``path`` and the line of the first row that does not parse.
+
+    A row parses when it has the header's number of fields and its ``required`` fields are numbers
+    (or nan/empty, which :func:`clean` treats as a diverged replica). A torn last line without its
+    newline (a crash mid-write) is tolerated, as ``jaxnorm.results.load`` ignores it.
+    """
+    with open(path, newline="") as fh:
+        text = fh.read()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    elif lines:
+        lines = lines[:-1]  # torn last line: no newline, ignored by the reader
+    if not lines:
+        return
+    rows = list(csv.reader(lines))
+    header = rows[0]
+    idx = [header.index(c) for c in required if c in header]
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {lineno}: {len(row)} fields, the header has "
+                             f"{len(header)}; the table does not parse (truncated or corrupt row)")
+        for j in idx:
+            v = row[j].strip()
+            if v.lower() in ("", "nan"):
+                continue
+            try:
+                float(v)
+            except ValueError:
+                raise ValueError(f"{path}, line {lineno}: column {header[j]!r} holds {v!r}, "
+                                 "not a number") from None
+
 
 def load_run(run_dir: str) -> pd.DataFrame:
     """Loads the results table of a run directory.
 
-    Uses ``jaxnorm.results.load`` when that module exists; otherwise reads ``results.csv`` or
-    ``results.parquet`` in ``run_dir``.
+    Checks that every row of ``results.csv`` parses (:func:`_check_csv`), then reads it with
+    ``jaxnorm.results.load``.
 
     Args:
       run_dir: a sweep run directory.
@@ -56,31 +177,53 @@ def load_run(run_dir: str) -> pd.DataFrame:
       The tidy results DataFrame (one row per replica and evaluation point).
 
     Raises:
-      ValueError: the directory does not exist or holds no results.
+      ValueError: the directory does not exist, holds no results, or a row does not parse
+        (the message names the file and the line).
     """
+    from jaxnorm import results as _results  # noqa: PLC0415  (CLI-level reader)
+
     if not os.path.isdir(run_dir):
         raise ValueError(f"run directory {run_dir!r} does not exist")
+    path = os.path.join(run_dir, _results.RESULTS_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"run directory {run_dir!r} holds no results table (expected results.csv)")
+    _check_csv(path, ("P", "seed", "epoch", "test_error", "spectral_complexity"))
     try:
-        from jaxnorm import results as _results  # noqa: PLC0415  (optional peer module)
-    except ImportError:
-        _results = None
-    if _results is not None and hasattr(_results, "load"):
-        try:
-            df = _results.load(run_dir)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
-    else:
-        for name in ("results.parquet", "results.csv", "results.csv.gz"):
-            path = os.path.join(run_dir, name)
-            if os.path.exists(path):
-                df = pd.read_parquet(path) if name.endswith("parquet") else pd.read_csv(path)
-                break
-        else:
-            raise ValueError(f"run directory {run_dir!r} holds no results table "
-                             "(expected results.csv or results.parquet)")
+        df = _results.load(run_dir)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path}: {e}") from None
     if df is None or len(df) == 0:
         raise ValueError(f"run directory {run_dir!r} has an empty results table")
     return df
+
+
+def load_mean_curves(path: str) -> pd.DataFrame:
+    """Reads seed-mean curves on a lambda grid (the authors' aggregated format) as a results frame.
+
+    The CSV has columns ``P, spectral_complexity`` and ``mean_test_error`` (or ``test_error``).
+    Each row becomes (P, seed=0, epoch=grid index, spectral_complexity, test_error): the grid index
+    is the rank of lambda in the union of all P's grid values, so the rows of one P keep their
+    order. Missing grid points (outside a seed's range) are simply absent.
+
+    Raises:
+      ValueError: the file is missing, a row does not parse (file and line named), or a column
+        is missing.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"no such table: {path!r}")
+    _check_csv(path, ("P", "spectral_complexity", "mean_test_error", "test_error"))
+    raw = pd.read_csv(path)
+    err = "mean_test_error" if "mean_test_error" in raw.columns else "test_error"
+    missing = [c for c in ("P", "spectral_complexity", err) if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path}: lacks columns {missing}; needs P, spectral_complexity, "
+                         "mean_test_error")
+    raw = raw.dropna(subset=["spectral_complexity", err])
+    grid = np.unique(np.round(np.log(raw["spectral_complexity"].to_numpy(float)), 9))
+    epoch = np.searchsorted(grid, np.round(np.log(raw["spectral_complexity"].to_numpy(float)), 9))
+    return pd.DataFrame({"P": raw["P"].astype(int).to_numpy(), "seed": 0, "epoch": epoch,
+                         "spectral_complexity": raw["spectral_complexity"].to_numpy(float),
+                         "test_error": raw[err].to_numpy(float)})
 
 
 def load_margins(run_dir: str) -> pd.DataFrame:
@@ -260,13 +403,13 @@ class PowerLawFit:
 
     Attributes:
       k, a, q: parameters (q = 0 when the q term was not kept).
-      sigma_k, sigma_a, sigma_q: one-sigma errors from the Jacobian covariance, scaled by the
-        reduced chi^2 (as ``curve_fit`` with absolute_sigma=False).
-      q_kept: whether the model includes q (fitted with and without; kept only if significant).
-      q_test: the with-q fit's q, sigma_q and z = |q|/sigma_q (None if not attempted).
-      n_points: points in the fit; x_range: [min x, max x] actually fitted.
-      chi2_red: reduced chi^2 of the log residuals (in units of the given sigmas, or raw).
-      loss: the robust loss of ``scipy.optimize.least_squares``.
+      sigma_k, sigma_a, sigma_q: one-sigma errors from the Jacobian covariance scaled by the
+        residual variance (``curve_fit`` with absolute_sigma=False).
+      q_kept: whether the model includes q.
+      q_test: {F, p, alpha, q, sigma_q} of the nested-model F test (None if not run).
+      n_points: points in the fit; x_range: [min x, max x].
+      chi2_red: residual variance of ln y per degree of freedom.
+      cov: covariance of [ln k, a(, q)]; resid_sd: sqrt(chi2_red).
     """
 
     k: float
@@ -280,8 +423,8 @@ class PowerLawFit:
     n_points: int
     x_range: tuple
     chi2_red: float
-    loss: str
-    success: bool = True
+    cov: list
+    resid_sd: float
 
     def __call__(self, x):
         return self.k * np.asarray(x, dtype=float) ** self.a + self.q
@@ -290,111 +433,210 @@ class PowerLawFit:
         return _jsonable(dataclasses.asdict(self))
 
 
-def _lsq(x, y, s, with_q, loss, p0):
-    """One robust fit in log space; returns (params, cov, chi2_red, success)."""
-    lx, ly = np.log(x), np.log(y)
+def _fit_log(lx, ly, with_q, p0=None):
+    """ln y = ln(exp(c + a lx) (+ q)) by least squares; returns (params, cov, sse, ok)."""
+    n = lx.size
+    if not with_q:
+        X = np.column_stack([np.ones(n), lx])
+        p, *_ = np.linalg.lstsq(X, ly, rcond=None)
+        r = ly - X @ p
+        sse = float(r @ r)
+        dof = n - 2
+        cov = np.linalg.inv(X.T @ X) * (sse / dof if dof > 0 else np.nan)
+        return p, cov, sse, True
 
     def resid(p):
-        model = np.exp(p[0] + p[1] * lx) + (p[2] if with_q else 0.0)
-        return (np.log(np.maximum(model, 1e-300)) - ly) / s
+        m = np.exp(p[0] + p[1] * lx) + p[2]
+        return np.log(np.maximum(m, 1e-300)) - ly
 
-    # f_scale ~ 3 robust sigmas of a first log-log line: soft_l1 only downweights outliers.
-    r0 = resid(np.asarray(p0[: 3 if with_q else 2]))
-    mad = 1.4826 * np.median(np.abs(r0 - np.median(r0)))
-    f_scale = max(3.0 * mad, 1e-8 if np.all(s == 1) else 1.0)
-    res = optimize.least_squares(resid, np.asarray(p0[: 3 if with_q else 2], float),
-                                 loss=loss, f_scale=f_scale, x_scale="jac", max_nfev=5000)
-    npar = res.x.size
-    dof = x.size - npar
-    J = res.jac
+    res = optimize.least_squares(resid, np.asarray(p0, float), x_scale="jac", max_nfev=4000)
+    m = np.exp(res.x[0] + res.x[1] * lx) + res.x[2]
+    ok = bool(res.success and np.all(m > 0))
+    sse = float(np.sum(res.fun ** 2))
+    dof = n - 3
     try:
-        cov = np.linalg.pinv(J.T @ J)
+        cov = np.linalg.inv(res.jac.T @ res.jac) * (sse / dof if dof > 0 else np.nan)
     except np.linalg.LinAlgError:
-        cov = np.full((npar, npar), np.nan)
-    # Scale by the raw residuals (not the robust cost, which grows only linearly for outliers
-    # and would shrink the errors).
-    chi2 = float(np.sum(res.fun ** 2)) / dof if dof > 0 else np.nan
-    cov = cov * chi2 if dof > 0 else np.full((npar, npar), np.nan)
-    return res.x, cov, chi2, bool(res.success)
+        cov, ok = np.full((3, 3), np.nan), False
+    return res.x, cov, sse, ok
 
 
-def fit_power_law(x, y, sigma=None, *, with_q: bool | str = "auto", loss: str = "soft_l1",
-                  q_threshold: float = _Q_THRESHOLD) -> PowerLawFit:
-    """Fits y = k x^a + q by robust least squares on log y.
+def fit_power_law(x, y, *, with_q: bool | str = "auto", alpha: float = Q_ALPHA,
+                  min_points_q: int = 7) -> PowerLawFit:
+    """Fits y = k x^a + q by least squares on ln y.
+
+    The q term is kept by a nested-model F test: F = (SSE_0 - SSE_q) / (SSE_q / (n - 3)) against
+    F(1, n - 3) at level ``alpha``, and only if q > 0 (a floor); it needs ``min_points_q`` points. Errors are the Jacobian covariance scaled by the residual variance, i.e. they
+    come from the scatter about the law, whatever its source.
 
     Args:
-      x, y: positive data, shape [n].
-      sigma: optional absolute errors of y, shape [n] (converted to log errors sigma/y).
-      with_q: True, False, or "auto" (fit both; keep q only if |q| > q_threshold sigma_q).
-      loss: ``least_squares`` loss ("linear", "soft_l1", "huber", ...).
-      q_threshold: significance (in sigmas) needed to keep q.
+      x, y: positive data, shape [n] (non-positive or non-finite points are dropped).
+      with_q: True, False, or "auto" (the F test).
+      alpha: level of the F test (calibrated: see ``Q_ALPHA``).
+      min_points_q: fewest points with which "auto" considers a q term (7: 4 residual degrees
+        of freedom; with 6 values of P a spurious q, kept in a few % of pure power laws that
+        carry some curvature, swung gamma_meas by ~3 sigma in the study).
 
     Returns:
       :class:`PowerLawFit`.
 
     Raises:
-      ValueError: fewer than 2 finite positive points, or a bad ``with_q``.
+      ValueError: fewer than 2 distinct positive points, or a bad ``with_q``.
     """
     if with_q not in (True, False, "auto"):
         raise ValueError(f"with_q must be True, False or 'auto', got {with_q!r}")
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    s = np.ones_like(y) if sigma is None else np.asarray(sigma, dtype=float) / y
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0) & np.isfinite(s)
-    if sigma is not None:
-        ok &= s > 0
-    x, y, s = x[ok], y[ok], s[ok]
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    x, y = x[ok], y[ok]
     if x.size < 2 or np.unique(x).size < 2:
         raise ValueError(f"a power-law fit needs at least 2 distinct positive points, got {x.size}")
-    # Start from the ordinary log-log line.
-    a0, lk0 = np.polyfit(np.log(x), np.log(y), 1)
-    p_pure, cov_pure, chi_pure, succ_pure = _lsq(x, y, s, False, loss, [lk0, a0, 0.0])
-    q_test = None
-    use_q = with_q is True
-    p_q = cov_q = None
-    if with_q in (True, "auto") and x.size >= 3:
-        # q starts at zero; the pure fit gives the power law's start.
-        p_q, cov_q, chi_q, succ_q = _lsq(x, y, s, True, loss, [p_pure[0], p_pure[1], 0.0])
-        sq = float(np.sqrt(cov_q[2, 2])) if np.isfinite(cov_q[2, 2]) and cov_q[2, 2] >= 0 else np.nan
-        z = abs(p_q[2]) / sq if (np.isfinite(sq) and sq > 0) else (np.inf if sq == 0 else np.nan)
-        q_test = {"q": float(p_q[2]), "sigma_q": sq, "z": float(z) if np.isfinite(z) else None,
-                  "threshold": q_threshold}
-        if with_q == "auto":
-            use_q = bool(succ_q and np.isfinite(sq) and p_q[2] != 0
-                         and abs(p_q[2]) > q_threshold * sq)
-    elif with_q is True:
-        raise ValueError(f"a power-law fit with q needs at least 3 points, got {x.size}")
+    lx, ly = np.log(x), np.log(y)
+    p0, cov0, sse0, _ = _fit_log(lx, ly, False)
+    use_q, q_test = False, None
+    if with_q is True and x.size < 4:
+        raise ValueError(f"a power-law fit with q needs at least 4 points, got {x.size}")
+    if with_q is True or (with_q == "auto" and x.size >= min_points_q):
+        pq, covq, sseq, okq = _fit_log(lx, ly, True, [p0[0], p0[1], 0.0])
+        dof = x.size - 3
+        F = (sse0 - sseq) / (sseq / dof) if sseq > 0 else (np.inf if sse0 > 1e-24 else 0.0)
+        pval = float(stats.f.sf(F, 1, dof)) if np.isfinite(F) else 0.0
+        sq = float(np.sqrt(covq[2, 2])) if np.isfinite(covq[2, 2]) and covq[2, 2] >= 0 else None
+        q_test = {"F": _f(F), "p": pval, "alpha": alpha, "q": float(pq[2]), "sigma_q": sq}
+        # q is a floor (Eq. 3's q1: the error that more norm cannot remove; Eq. 4's q2 > 0 gives
+        # P_-): a negative q is curvature of another kind, not a q term.
+        use_q = with_q is True or bool(okq and pval < alpha and pq[2] > 0)
     if use_q:
-        p, cov, chi2, succ = p_q, cov_q, chi_q, succ_q
+        p, cov, sse = pq, covq, sseq
     else:
-        p, cov, chi2, succ = p_pure, cov_pure, chi_pure, succ_pure
-    k = float(np.exp(p[0]))
+        p, cov, sse = p0, cov0, sse0
+    dof = x.size - p.size
+    chi2 = sse / dof if dof > 0 else float("nan")
     err = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(np.diag(cov))) \
         else np.full(p.size, np.nan)
+    k = float(np.exp(p[0]))
     return PowerLawFit(k=k, a=float(p[1]), q=float(p[2]) if use_q else 0.0,
                        sigma_k=float(k * err[0]), sigma_a=float(err[1]),
-                       sigma_q=float(err[2]) if use_q else 0.0, q_kept=use_q, q_test=q_test,
+                       sigma_q=float(err[2]) if use_q else 0.0, q_kept=bool(use_q), q_test=q_test,
                        n_points=int(x.size), x_range=(float(x.min()), float(x.max())),
-                       chi2_red=float(chi2), loss=loss, success=succ)
+                       chi2_red=float(chi2), cov=cov.tolist(), resid_sd=float(math.sqrt(chi2))
+                       if np.isfinite(chi2) else float("nan"))
+
+
+def _t68(dof: int) -> float:
+    """Student-t quantile at the Gaussian 1-sigma level: +-t sigma is a 68 % interval."""
+    return float(stats.t.ppf(stats.norm.cdf(1.0), max(int(dof), 1)))
+
+
+def _q_weight(n: int, sse0: float, sseq: float) -> float | None:
+    """Weight of the power law with q against the one without, from their residual sums of
+    squares: exp(-IC/2) normalized, with IC the harsher of the small-sample AICc (Hurvich &
+    Tsai 1989) and BIC (the extra parameter costs 10 at n = 6, 2.1 AICc / 4.1 BIC at n = 60);
+    None when AICc is undefined."""
+    if n - 4 <= 0 or not (sse0 > 0 and sseq > 0):
+        return None
+    pen = max(2 + 24 / (n - 4) - 12 / (n - 3), math.log(n))
+    d = n * math.log(sseq / sse0) + pen
+    return float(1.0 / (1.0 + math.exp(min(d / 2.0, 700.0))))
+
+
+def _averaged_sigma(sel: tuple, alt: tuple, w_alt: float) -> float:
+    """sigma of the selected model's estimate with the q-term model uncertainty carried in:
+    total variance = weighted within-model variance + the weighted squared distance of each
+    model's estimate from the reported one (sel, alt: (estimate, sigma))."""
+    return math.sqrt((1 - w_alt) * sel[1] ** 2 + w_alt * (alt[1] ** 2 + (alt[0] - sel[0]) ** 2))
+
+
+def fit_exponent(x, y, *, sign: int, method: str, with_q: bool | str = "auto",
+                 alpha: float = Q_ALPHA, detail: dict | None = None,
+                 average_q: bool = False) -> Exponent:
+    """A power-law fit y = k x^(sign * gamma) + q as an :class:`Exponent` (value = gamma).
+
+    Args:
+      x, y: shape [n].
+      sign: +1 for growing laws (lambda_opt ~ P^gamma2), -1 for decaying ones (eps ~ P^-gamma).
+      method: description stored in the result.
+      with_q, alpha: see :func:`fit_power_law`.
+      detail: extra fields.
+      average_q: carry the q-term model uncertainty into sigma (the value stays the one of the
+        model the F test chose): sigma^2 = sum over {without q, with q > 0} of the weight
+        (:func:`_q_weight`: the harsher of AICc and BIC) times (sigma_m^2 + (gamma_m - gamma)^2), each sigma_m Student-t scaled to a 68 %
+        interval (``detail.model_average``). Needs >= 5 points.
+
+    Returns:
+      The Exponent; not determined (with the reason) when the fit is impossible.
+    """
+    try:
+        f = fit_power_law(x, y, with_q=with_q, alpha=alpha)
+    except ValueError as e:
+        return Exponent.undetermined(method, str(e), n=int(np.size(x)))
+    detail = dict(detail or {})
+    if f.q_kept:  # the pure power law beside it: what a fit without q (the paper's) gives
+        f0 = fit_power_law(x, y, with_q=False)
+        detail["without_q"] = {"value": sign * f0.a, "sigma": f0.sigma_a, "k": f0.k}
+    sigma = f.sigma_a
+    if average_q and f.n_points >= 5 and with_q == "auto":
+        f0 = fit_power_law(x, y, with_q=False)
+        try:
+            fq = fit_power_law(x, y, with_q=True)
+        except ValueError:
+            fq = None
+        n = f.n_points
+        wq = (_q_weight(n, f0.chi2_red * (n - 2), fq.chi2_red * (n - 3))
+              if fq is not None and fq.q > 0 and np.isfinite(fq.sigma_a) else None)
+        m0, mq = (f0.a, f0.sigma_a * _t68(n - 2)), ((fq.a, fq.sigma_a * _t68(n - 3))
+                                                    if fq is not None else None)
+        if wq is None:
+            sigma = m0[1] if not f.q_kept else f.sigma_a * _t68(n - 3)
+        else:
+            sel, alt, w_alt = (mq, m0, 1 - wq) if f.q_kept else (m0, mq, wq)
+            sigma = _averaged_sigma(sel, alt, w_alt)
+        detail["t_factor"] = _t68(n - (3 if f.q_kept else 2))
+        detail["sigma_unscaled"] = f.sigma_a
+        detail["model_average"] = {"w_q": wq, "without_q": [sign * m0[0], m0[1]],
+                                   "with_q": [sign * mq[0], mq[1]] if mq else None}
+    return Exponent(value=sign * f.a, sigma=sigma, method=method, n=f.n_points, k=f.k,
+                    q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test,
+                    chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
+                    x_range=list(f.x_range), detail=detail or None)
+
+
+def product_exponent(a: Exponent, b: Exponent, method: str) -> Exponent:
+    """gamma_pred = gamma1 gamma2 with sigma_pred = |gamma_pred| sqrt((s1/g1)^2 + (s2/g2)^2)
+    (Appendix D; the two fits use disjoint data, so their errors are independent)."""
+    if not (a.determined and b.determined):
+        why = "; ".join(f"{n}: {e.reason}" for n, e in (("gamma1", a), ("gamma2", b))
+                        if not e.determined)
+        return Exponent.undetermined(method, why)
+    v = a.value * b.value
+    s = abs(v) * math.sqrt((a.sigma / a.value) ** 2 + (b.sigma / b.value) ** 2) \
+        if a.value and b.value else float("nan")
+    return Exponent(value=v, sigma=s, method=method, n=min(a.n, b.n))
 
 
 # ----------------------------------------------------------------------------------------------
-# Curves and optima
+# Input validation, curves and optima
 # ----------------------------------------------------------------------------------------------
 
 def clean(df: pd.DataFrame, log: list | None = None) -> pd.DataFrame:
-    """Validates a results table and drops diverged or non-finite rows.
+    """Validates a results table and removes diverged replicas.
+
+    A replica (P, seed) that has a row flagged ``diverged`` or a non-finite test error or
+    spectral complexity leaves the analysis entirely (all its rows, initialization included),
+    with a warning naming it: a replica that blew up is not a learning curve. Rows with a zero
+    test error (perfect, but not on a log axis) are dropped alone, also with a warning.
 
     Args:
-      df: results DataFrame (needs columns P, seed, epoch, test_error, spectral_complexity).
+      df: results DataFrame (columns P, seed, epoch, test_error, spectral_complexity; per-seed
+        curves, or seed-mean curves on a lambda grid with a constant seed and epoch = grid index).
       log: list that receives a message per problem found (also issued as AnalysisWarning).
 
     Returns:
-      A copy with the rows flagged diverged and rows with non-finite or non-positive
-      test_error / spectral_complexity removed, sorted by (P, seed, epoch).
+      The usable rows, sorted by (P, seed, epoch).
 
     Raises:
-      ValueError: missing columns, or no usable rows.
+      ValueError: not a DataFrame, missing columns, empty, duplicated (P, seed, epoch) rows
+        (named), or no usable replica.
     """
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"expected a pandas DataFrame, got {type(df).__name__}")
@@ -404,21 +646,34 @@ def clean(df: pd.DataFrame, log: list | None = None) -> pd.DataFrame:
     if len(df) == 0:
         raise ValueError("results table is empty")
     out = df.copy()
-    # Zero test error is dropped too: every fit works on log eps (Eqs. 3-6 in log space).
-    eps = out["test_error"].astype(float)
-    lam = out["spectral_complexity"].astype(float)
-    bad = ~(np.isfinite(eps) & (eps > 0) & np.isfinite(lam) & (lam > 0))
+    key = ["P", "seed", "epoch"]
+    dup = out.duplicated(key, keep=False)
+    if dup.any():
+        rows = sorted({tuple(int(v) for v in r) for r in out.loc[dup, key].itertuples(index=False)})
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        raise ValueError(f"duplicated (P, seed, epoch) rows: {rows[:10]}{more}; each replica may "
+                         "report an evaluation epoch once (concatenated runs of the same replica?)")
+    eps = pd.to_numeric(out["test_error"], errors="coerce").astype(float)
+    lam = pd.to_numeric(out["spectral_complexity"], errors="coerce").astype(float)
+    out["test_error"], out["spectral_complexity"] = eps, lam
+    broken = ~(np.isfinite(eps) & np.isfinite(lam))
     if "diverged" in out.columns:
-        bad |= out["diverged"].fillna(False).astype(bool)
-    if bad.any():
-        which = sorted({(int(p), int(s_))
-                        for p, s_ in out.loc[bad, ["P", "seed"]].itertuples(index=False)})
-        _note(log, f"dropped {int(bad.sum())} rows that diverged or have a NaN or non-positive "
-                   f"test error / spectral complexity, in (P, seed) = {which}")
-        out = out.loc[~bad]
+        broken |= out["diverged"].fillna(False).astype(bool)
+    if broken.any():
+        reps = sorted({(int(p), int(s_)) for p, s_ in out.loc[broken, ["P", "seed"]].itertuples(index=False)})
+        drop = pd.MultiIndex.from_frame(out[["P", "seed"]]).isin(reps)
+        _note(log, f"diverged replicas (P, seed) = {reps} left the analysis: {int(drop.sum())} rows "
+                   "dropped (a diverged flag or a non-finite test error / spectral complexity)")
+        out = out.loc[~drop]
+    nonpos = (out["test_error"] <= 0) | (out["spectral_complexity"] <= 0)
+    if nonpos.any():
+        reps = sorted({(int(p), int(s_)) for p, s_ in out.loc[nonpos, ["P", "seed"]].itertuples(index=False)})
+        _note(log, f"dropped {int(nonpos.sum())} rows with a zero test error or spectral complexity "
+                   f"(no logarithm) in (P, seed) = {reps}")
+        out = out.loc[~nonpos]
     if len(out) == 0:
-        raise ValueError("no usable rows: every row diverged or has a NaN test error / norm")
-    return out.sort_values(["P", "seed", "epoch"]).reset_index(drop=True)
+        raise ValueError("no usable rows: every replica diverged or has a NaN test error / norm")
+    return out.sort_values(key).reset_index(drop=True)
 
 
 def _note(log, msg):
@@ -427,102 +682,8 @@ def _note(log, msg):
         log.append(msg)
 
 
-def curve_optimum(lam: np.ndarray, eps: np.ndarray, refine: bool = True,
-                  delta: float = 0.1) -> dict:
-    """Minimum of one learning curve eps(lambda).
-
-    The raw arg-min is refined by the vertex of a parabola in (log lambda, log eps) fitted on the
-    lambda range where log eps is within ``delta`` of its minimum (delta is raised to 3 noise
-    sigmas on noisy curves). The window is defined on eps/eps_min, which the rescaling of Eq. 5
-    leaves unchanged, so any bias of the vertex is the same factor for every P and cancels in
-    the exponent of Eq. 4.
-
-    Args:
-      lam, eps: one curve, shape [T], in evaluation order.
-      refine: use the parabola vertex when it is a minimum inside the window.
-      delta: log-eps depth of the window.
-
-    Returns:
-      dict lambda_opt, eps_opt, index (raw arg-min), at_end (True when the curve never rises
-      clearly after its minimum: training ended before the minimum was bracketed, so
-      lambda_opt may be a lower bound).
-    """
-    lam = np.asarray(lam, float)
-    eps = np.asarray(eps, float)
-    i = int(np.argmin(eps))
-    lo, eo = lam[i], eps[i]
-    u, v = np.log(lam), np.log(eps)
-    noise = _noise_log(v)
-    noise = noise if np.isfinite(noise) else 0.0
-    # The minimum is bracketed only if the curve later rises clearly above it (3 noise sigmas,
-    # at least 2 %); otherwise training stopped while eps was still falling or flat.
-    at_end = not bool(np.any(v[i:] > v[i] + max(3.0 * noise, 0.02)))
-    if refine and not at_end and i > 0:
-        d = max(delta, 3.0 * noise)
-        near = v <= v[i] + d
-        a, b = u[near].min(), u[near].max()
-        win = (u >= a) & (u <= b)
-        if win.sum() >= 5 and b > a:
-            c2, c1, c0 = np.polyfit(u[win], v[win], 2)
-            if c2 > 0:
-                us = -c1 / (2 * c2)
-                if a <= us <= b:
-                    lo, eo = float(np.exp(us)), float(np.exp(c0 + c1 * us + c2 * us * us))
-    return {"lambda_opt": float(lo), "eps_opt": float(eo), "index": i, "at_end": bool(at_end)}
-
-
-def optima(df: pd.DataFrame, refine: bool = True, log: list | None = None) -> pd.DataFrame:
-    """Optimum of every (P, seed) curve and its end-of-training error.
-
-    Args:
-      df: cleaned results (see :func:`clean`).
-      refine: see :func:`curve_optimum`.
-      log: receives a message listing the curves whose minimum is not bracketed.
-
-    Returns:
-      DataFrame per (P, seed): lambda_opt, eps_opt, epoch_opt, at_end, eps_end, lambda_end,
-      epoch_end, n_points.
-    """
-    rows = []
-    ends = []
-    for (P, seed), g in df.groupby(["P", "seed"], sort=True):
-        o = curve_optimum(g["spectral_complexity"].to_numpy(), g["test_error"].to_numpy(), refine)
-        if o["at_end"]:
-            ends.append((int(P), int(seed)))
-        rows.append(dict(P=int(P), seed=int(seed), lambda_opt=o["lambda_opt"],
-                         eps_opt=o["eps_opt"], epoch_opt=int(g["epoch"].iloc[o["index"]]),
-                         at_end=o["at_end"], eps_end=float(g["test_error"].iloc[-1]),
-                         lambda_end=float(g["spectral_complexity"].iloc[-1]),
-                         epoch_end=int(g["epoch"].iloc[-1]), n_points=len(g)))
-    if ends:
-        _note(log, f"minimum not bracketed (test error never rises clearly after it; training may "
-                   f"have stopped before the minimum) for (P, seed) = {ends}: their lambda_opt is the "
-                   f"lowest point seen, possibly a lower bound")
-    return pd.DataFrame(rows)
-
-
-def optima_by_P(opt: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and error of the mean over seeds of the optima, per P.
-
-    Returns:
-      DataFrame indexed by position with P, n_seeds, n_at_end and <q>_mean/_std/_sem for
-      q in lambda_opt, eps_opt, eps_end.
-    """
-    rows = []
-    for P, g in opt.groupby("P", sort=True):
-        r = {"P": int(P), "n_seeds": len(g), "n_at_end": int(g["at_end"].sum())}
-        for q in ("lambda_opt", "eps_opt", "eps_end"):
-            v = g[q].to_numpy(float)
-            sd = float(np.std(v, ddof=1)) if v.size > 1 else np.nan
-            r[f"{q}_mean"] = float(np.mean(v))
-            r[f"{q}_std"] = sd
-            r[f"{q}_sem"] = sd / math.sqrt(v.size) if v.size > 1 else np.nan
-        rows.append(r)
-    return pd.DataFrame(rows)
-
-
 def mean_curves(df: pd.DataFrame) -> dict:
-    """Seed-averaged learning curve of every P, aligned on the evaluation epoch.
+    """Seed-averaged learning curve of every P, aligned on the evaluation epoch (or grid index).
 
     lambda is averaged geometrically (it spans decades), eps arithmetically.
 
@@ -542,10 +703,6 @@ def mean_curves(df: pd.DataFrame) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Early power law: elbow detection and gamma1
-# ----------------------------------------------------------------------------------------------
-
 def _noise_log(v: np.ndarray) -> float:
     """Robust per-point noise of a smooth series: MAD of second differences / sqrt(6)."""
     if v.size < 5:
@@ -553,6 +710,271 @@ def _noise_log(v: np.ndarray) -> float:
     d2 = v[2:] - 2 * v[1:-1] + v[:-2]
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6.0))
 
+
+def _depth_window(v: np.ndarray, i: int, depth: float, min_side: int) -> tuple[int, int]:
+    """[a, b]: the contiguous points around index i with v <= v[i] + depth, at least
+    ``min_side`` points on each side (as far as the series allows)."""
+    a = i
+    while a > 0 and v[a - 1] <= v[i] + depth:
+        a -= 1
+    b = i
+    while b < v.size - 1 and v[b + 1] <= v[i] + depth:
+        b += 1
+    return max(min(a, i - min_side), 0), min(max(b, i + min_side), v.size - 1)
+
+
+def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> dict:
+    """Minimum (lambda_opt, eps_opt) of one learning curve eps(lambda), with its uncertainty.
+
+    ``method="argmin"``: the evaluation point of lowest error (the authors' choice; quantized to
+    the evaluation grid, sigma(ln lambda_opt) = grid step / sqrt(12)).
+    ``method="vertex"``: the vertex of a least-squares parabola in (ln lambda, ln eps) on the
+    contiguous points around the arg-min whose ln eps lies within max(3 noise, 0.03) of the
+    minimum (at least one neighbour on each side; the depth doubles, up to 4 times, until the
+    curvature is significant at 2 sigma). The window is defined by a depth in ln eps,
+    which the rescaling of Eq. 5 leaves unchanged, so an asymmetry bias of the vertex is the
+    same factor at every P and cancels in gamma2. sigma(ln lambda_opt) is the delta-method error
+    of the vertex (point noise = max(residual, curve noise)); with only 3 points in the window
+    the grid term step/sqrt(12) is added in quadrature (the interpolation cannot be checked).
+
+    The minimum is **bracketed** when it is not the last point, the curve's last (up to 3)
+    points after it lie on average more than max(3 noise, 0.01) above it, and (vertex) the
+    parabola is convex at 2 sigma with its vertex inside the window. An unbracketed minimum is
+    a lower bound of lambda_opt (training stopped while eps was falling or flat): callers must
+    not use it as a minimum.
+
+    Args:
+      lam, eps: one curve, shape [T] (sorted by lambda here).
+      method: "vertex" or "argmin".
+
+    Returns:
+      dict lambda_opt, eps_opt, sigma_ln_lambda_opt, sigma_ln_eps_opt, bracketed, method (the
+      one actually used: "vertex", or "argmin" as the vertex's fallback), index (arg-min in the
+      sorted curve), lambda_argmin, eps_argmin, grid_step (ln lambda), noise (ln eps per point),
+      n_window.
+    """
+    if method not in ("vertex", "argmin"):
+        raise ValueError(f"optimum must be 'vertex' or 'argmin', got {method!r}")
+    lam = np.asarray(lam, float)
+    eps = np.asarray(eps, float)
+    o = np.argsort(lam, kind="stable")
+    u, v = np.log(lam[o]), np.log(eps[o])
+    T = u.size
+    i = int(np.argmin(v))
+    noise = _noise_log(v)
+    noise = noise if np.isfinite(noise) else 0.0
+    lo_, hi_ = max(i - 1, 0), min(i + 1, T - 1)
+    h = float(np.mean(np.diff(u[lo_:hi_ + 1]))) if hi_ > lo_ else float("nan")
+    tail = v[i + 1:][-3:]
+    rises = bool(i < T - 1 and tail.size and tail.mean() - v[i] > max(3.0 * noise, 0.01))
+    # A conservative lower bound of lambda_opt when the minimum is not bracketed: the first
+    # point whose error is within the bracketing tolerance of the lowest one (on a flat end the
+    # lowest point may lie past the true minimum; a point that is still significantly higher
+    # lies before it).
+    tol = max(3.0 * noise, 0.01)
+    ib = int(np.flatnonzero(v <= v[i] + tol)[0])
+    out = {"lambda_opt": float(np.exp(u[i])), "eps_opt": float(np.exp(v[i])),
+           "lambda_bound": float(np.exp(u[ib])),
+           "sigma_ln_lambda_opt": h / math.sqrt(12.0) if np.isfinite(h) else None,
+           "sigma_ln_eps_opt": noise, "bracketed": bool(rises and i > 0), "method": "argmin",
+           "index": i, "lambda_argmin": float(np.exp(u[i])), "eps_argmin": float(np.exp(v[i])),
+           "grid_step": h, "noise": noise, "n_window": 1}
+    if method == "argmin" or not (0 < i < T - 1):
+        return out
+    depth = max(3.0 * noise, 0.03)
+    for _ in range(5):  # widen (x2) until the curvature is significant: flat-bottomed minima
+        a, b = _depth_window(v, i, depth, 1)
+        du, vv = u[a:b + 1] - u[i], v[a:b + 1]
+        X = np.column_stack([np.ones(du.size), du, du * du])
+        coef, *_ = np.linalg.lstsq(X, vv, rcond=None)
+        r = vv - X @ coef
+        s2 = max(float(r @ r) / (du.size - 3) if du.size > 3 else 0.0, noise ** 2, 1e-8)
+        cov = np.linalg.inv(X.T @ X) * s2
+        c0, c1, c2 = coef
+        convex = c2 > 0 and c2 > 2.0 * math.sqrt(max(cov[2, 2], 0.0))
+        if convex or (a == 0 and b == T - 1):
+            break
+        depth *= 2.0
+    us = -c1 / (2 * c2) if c2 > 0 else np.nan
+    if not (convex and du[0] <= us <= du[-1]):
+        out["bracketed"] = False
+        return out
+    g_u = np.array([0.0, -1.0 / (2 * c2), c1 / (2 * c2 * c2)])
+    g_v = np.array([1.0, -c1 / (2 * c2), c1 * c1 / (4 * c2 * c2)])
+    var_u = float(g_u @ cov @ g_u)
+    if du.size <= 3 and np.isfinite(h):
+        var_u += h * h / 12.0
+    out.update(lambda_opt=float(np.exp(u[i] + us)), eps_opt=float(np.exp(c0 - c1 * c1 / (4 * c2))),
+               sigma_ln_lambda_opt=math.sqrt(max(var_u, 0.0)),
+               sigma_ln_eps_opt=math.sqrt(max(float(g_v @ cov @ g_v), 0.0)), method="vertex",
+               n_window=int(du.size))
+    return out
+
+
+def optima(df: pd.DataFrame, method: str = "vertex", log: list | None = None) -> pd.DataFrame:
+    """Optimum of every (P, seed) curve (:func:`curve_optimum`) and its end-of-training error.
+
+    Returns:
+      DataFrame per (P, seed): lambda_opt, eps_opt, bracketed, lambda_argmin, eps_argmin,
+      epoch_opt (of the arg-min), eps_end, lambda_end, epoch_end, n_points.
+    """
+    rows = []
+    for (P, seed), g in df.groupby(["P", "seed"], sort=True):
+        g = g.sort_values("spectral_complexity", kind="stable")
+        o = curve_optimum(g["spectral_complexity"].to_numpy(), g["test_error"].to_numpy(), method)
+        last = g.sort_values("epoch").iloc[-1]
+        rows.append(dict(P=int(P), seed=int(seed), lambda_opt=o["lambda_opt"],
+                         eps_opt=o["eps_opt"], bracketed=o["bracketed"],
+                         lambda_argmin=o["lambda_argmin"], eps_argmin=o["eps_argmin"],
+                         epoch_opt=int(g["epoch"].iloc[o["index"]]),
+                         eps_end=float(last["test_error"]), lambda_end=float(last["spectral_complexity"]),
+                         epoch_end=int(last["epoch"]), n_points=len(g)))
+    out = pd.DataFrame(rows)
+    nb = out.loc[~out["bracketed"], ["P", "seed"]] if len(out) else out
+    if log is not None and len(nb):
+        _note(log, f"per-seed curves whose minimum is not bracketed (P, seed) = "
+                   f"{[tuple(map(int, r)) for r in nb.itertuples(index=False)]}")
+    return out
+
+
+def optima_by_P(opt: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and error of the mean over seeds of per-seed optima, per P.
+
+    Returns:
+      DataFrame with P, n_seeds, n_bracketed and <q>_mean/_std/_sem for q in lambda_opt,
+      eps_opt, lambda_argmin, eps_end.
+    """
+    rows = []
+    for P, g in opt.groupby("P", sort=True):
+        r = {"P": int(P), "n_seeds": len(g), "n_bracketed": int(g["bracketed"].sum())}
+        for q in ("lambda_opt", "eps_opt", "lambda_argmin", "eps_end"):
+            v = g[q].to_numpy(float)
+            sd = float(np.std(v, ddof=1)) if v.size > 1 else np.nan
+            r[f"{q}_mean"] = float(np.mean(v))
+            r[f"{q}_std"] = sd
+            r[f"{q}_sem"] = sd / math.sqrt(v.size) if v.size > 1 else np.nan
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def optimum_per_P(curves: dict, method: str = "vertex", seed_opt: pd.DataFrame | None = None
+                  ) -> pd.DataFrame:
+    """The optimum of each P's seed-mean curve: the points of Eqs. 4-6 (one row per P).
+
+    Args:
+      curves: from :func:`mean_curves`.
+      method: "vertex" or "argmin" (:func:`curve_optimum`).
+      seed_opt: per-seed optima (:func:`optima`), for the seed statistics columns.
+
+    Returns:
+      DataFrame with P, lambda_opt, sigma_ln_lambda_opt, eps_opt, sigma_ln_eps_opt, bracketed,
+      opt_method, lambda_argmin, eps_argmin, grid_step, noise, eps_end, lambda_end (last
+      evaluation of the mean curve) and, with ``seed_opt``: n_seeds, lambda_seed_argmins (mean
+      over seeds of each seed's arg-min lambda: the authors' gamma2 input), eps_end_std.
+    """
+    rows = []
+    sd = seed_opt.set_index(["P", "seed"]) if seed_opt is not None and len(seed_opt) else None
+    for P, c in curves.items():
+        o = curve_optimum(c["lam"].to_numpy(), c["eps"].to_numpy(), method)
+        last = c.sort_values("epoch").iloc[-1]
+        r = {"P": int(P), "lambda_opt": o["lambda_opt"],
+             "sigma_ln_lambda_opt": o["sigma_ln_lambda_opt"], "eps_opt": o["eps_opt"],
+             "sigma_ln_eps_opt": o["sigma_ln_eps_opt"], "bracketed": o["bracketed"],
+             "opt_method": o["method"], "lambda_argmin": o["lambda_argmin"],
+             "eps_argmin": o["eps_argmin"], "lambda_bound": o["lambda_bound"],
+             "grid_step": o["grid_step"], "noise": o["noise"],
+             "eps_end": float(last["eps"]), "lambda_end": float(last["lam"])}
+        if sd is not None:
+            g = sd.loc[int(P)]
+            r["n_seeds"] = int(len(g))
+            r["lambda_seed_argmins"] = float(g["lambda_argmin"].mean())
+            r["eps_end_std"] = float(g["eps_end"].std(ddof=1)) if len(g) > 1 else float("nan")
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def _joint(curves: dict, opt_P: pd.DataFrame, P_used: Sequence[int]) -> pd.DataFrame:
+    """:func:`collapse_optima` on the P that collapse (P >= p_min); the others unchanged."""
+    inside = opt_P["P"].isin(list(P_used))
+    joint = collapse_optima(curves, opt_P[inside].reset_index(drop=True))
+    return pd.concat([opt_P[~inside], joint]).sort_values("P").reset_index(drop=True)
+
+
+def collapse_optima(curves: dict, opt_P: pd.DataFrame, *, degree: int = 4) -> pd.DataFrame:
+    """lambda_opt and eps_opt of every bracketed P from one joint fit of the minima's shapes.
+
+    Eq. 5 says every curve is the same function of ln(lambda/lambda_opt) near its minimum, up
+    to the height ln eps_opt. So the points around each bracketed minimum (the vertex window of
+    :func:`curve_optimum`, at least two neighbours on each side) are fitted together as
+    ln eps = v_P + sum_{k=2..degree} c_k (ln lambda - u_P)^k: per P a position u_P = ln
+    lambda_opt and a height v_P, and one shape (c_2..c_degree) shared by all P. A single curve's
+    parabola sees its minimum through a few grid points at a phase that drifts with P (with 10
+    evaluations per replica that drift biases gamma2 by ~1.5 sigma); the shared shape is sampled
+    at every phase at once, and its asymmetry (c_3, c_4) no longer shifts the vertex.
+    Errors: the Jacobian covariance scaled by the residual variance (floored at the curves'
+    noise).
+
+    Args:
+      curves: from :func:`mean_curves`.
+      opt_P: from :func:`optimum_per_P` (per-curve vertices: starting values and brackets).
+      degree: highest power of the shared shape.
+
+    Returns:
+      A copy of ``opt_P`` whose bracketed rows carry the joint lambda_opt, eps_opt and their
+      sigmas (opt_method "collapse"); unchanged when fewer than 3 P are bracketed.
+    """
+    out = opt_P.copy()
+    rows = [r for r in out.itertuples() if r.bracketed and r.opt_method == "vertex"]
+    if len(rows) < 3:
+        return out
+    data = []
+    for r in rows:
+        c = curves[r.P].sort_values("lam", kind="stable")
+        u, v = np.log(c["lam"].to_numpy()), np.log(c["eps"].to_numpy())
+        i = int(np.argmin(v))
+        a, b = _depth_window(v, i, max(3.0 * (r.noise or 0.0), 0.05), 2)
+        data.append((u[a:b + 1], v[a:b + 1], math.log(r.lambda_opt), math.log(r.eps_opt)))
+    nP, nc = len(data), degree - 1
+    uu = np.concatenate([d[0] for d in data])
+    vv = np.concatenate([d[1] for d in data])
+    idx = np.concatenate([np.full(d[0].size, j) for j, d in enumerate(data)])
+    if uu.size <= 2 * nP + nc:
+        return out
+
+    def resid(p):
+        w = uu - p[idx]
+        f = p[nP + idx]
+        for k in range(nc):
+            f = f + p[2 * nP + k] * w ** (k + 2)
+        return f - vv
+
+    p0 = np.concatenate([[d[2] for d in data], [d[3] for d in data], [0.3], np.zeros(nc - 1)])
+    res = optimize.least_squares(resid, p0, x_scale="jac", max_nfev=4000)
+    if not res.success or res.x[2 * nP] <= 0:
+        return out
+    dof = uu.size - res.x.size
+    noise = float(np.nanmedian([r.noise for r in rows]))
+    s2 = max(float(res.fun @ res.fun) / dof, noise ** 2)
+    try:
+        cov = np.linalg.inv(res.jac.T @ res.jac) * s2
+    except np.linalg.LinAlgError:
+        return out
+    moved = np.abs(res.x[:nP] - p0[:nP])
+    steps = np.array([np.median(np.diff(d[0])) for d in data])
+    if np.any(moved > 2.0 * steps):  # the shared shape does not describe these minima
+        return out
+    for j, r in enumerate(rows):
+        k = out.index[out["P"] == r.P][0]
+        out.loc[k, ["lambda_opt", "eps_opt", "sigma_ln_lambda_opt", "sigma_ln_eps_opt"]] = [
+            math.exp(res.x[j]), math.exp(res.x[nP + j]), math.sqrt(max(cov[j, j], 0.0)),
+            math.sqrt(max(cov[nP + j, nP + j], 0.0))]
+        out.loc[k, "opt_method"] = "collapse"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Early power law (Eq. 3): window detection and gamma1
+# ----------------------------------------------------------------------------------------------
 
 def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
                  min_points: int = 5, max_points: int = 400, max_start: int = 2) -> dict:
@@ -634,142 +1056,532 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
             "noise": float(noise), "n_points": int(nw[b])}
 
 
-def fit_gamma1(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int], *,
-               log: list | None = None, **elbow_kw) -> dict:
-    """gamma1 per P on the collapsed curves, then mean and error of the mean (Appendix D).
+# Share (in ln lambda) of each detected early window that enters the gamma1 fit. The detection
+# accepts departures from the power law up to the noise, and those sit at the window's end,
+# where the curve bends into its elbow: on bench_analysis's curves the full window biases
+# gamma1 low by 1-2 sigma, its first two thirds by < 0.5 sigma.
+GAMMA1_WINDOW_FRACTION = 2.0 / 3.0
+# Stability (in jackknife-over-P sigmas) that a pooled q1 needs to be kept (fit_gamma1).
+Q1_JACKKNIFE_Z = 3.0
 
-    For every P: the seed-averaged curve is rescaled by (lambda_opt(P), eps_opt(P)) (Eq. 5),
-    its pure power-law window is detected (:func:`detect_elbow`) and y = k x^-gamma1 is fitted
-    there in log space.
 
-    Returns:
-      dict value, sigma (error of the mean over P; the fit error if only one P), n_P, method and
-      per_P: list of dicts P, gamma1, sigma, k, lambda_start, lambda_elbow, x_range, n_points,
-      noise.
-    """
+def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw: dict,
+                 fraction: float | None = None) -> list:
+    """Per P: the detected early power-law window of the seed-mean curve (raw lambda, eps)."""
+    fraction = GAMMA1_WINDOW_FRACTION if fraction is None else fraction
     per = []
-    optd = opt_P.set_index("P")
     for P in P_used:
-        c = curves[P]
-        lo, eo = optd.loc[P, "lambda_opt_mean"], optd.loc[P, "eps_opt_mean"]
-        x, y = c["lam"].to_numpy() / lo, c["eps"].to_numpy() / eo
+        c = curves[P].sort_values("lam", kind="stable")
+        lam, eps = c["lam"].to_numpy(), c["eps"].to_numpy()
         try:
-            el = detect_elbow(x, y, **elbow_kw)
+            el = detect_elbow(lam, eps, **elbow_kw)
         except ValueError as e:
             _note(log, f"P={P}: no early power law ({e})")
             continue
         if el["i0"] is None:
             _note(log, f"P={P}: no window before the minimum is a power law within noise")
             continue
-        sel = (x >= el["lambda_start"] * (1 - 1e-9)) & (x <= el["lambda_elbow"] * (1 + 1e-9))
-        try:
-            f = fit_power_law(x[sel], y[sel], with_q=False)
-        except ValueError as e:
-            _note(log, f"P={P}: gamma1 fit failed ({e})")
-            continue
-        # Range systematic: the same fit on the first 2/3 (in log lambda) of the window.
-        cut = el["lambda_start"] * (el["lambda_elbow"] / el["lambda_start"]) ** (2.0 / 3.0)
-        sel2 = sel & (x <= cut)
-        g_short = -fit_power_law(x[sel2], y[sel2], with_q=False).a if sel2.sum() >= 3 else np.nan
+        top = el["lambda_start"] * (el["lambda_elbow"] / el["lambda_start"]) ** fraction
+        sel = (lam >= el["lambda_start"] * (1 - 1e-9)) & (lam <= top * (1 + 1e-9))
+        if sel.sum() < 3:
+            sel = (lam >= el["lambda_start"] * (1 - 1e-9)) & (lam <= el["lambda_elbow"] * (1 + 1e-9))
+        f = fit_power_law(lam[sel], eps[sel], with_q=False)
         per.append({"P": int(P), "gamma1": -f.a, "sigma": f.sigma_a, "k": f.k,
-                    "gamma1_short_window": g_short,
-                    "lambda_start": el["lambda_start"] * lo, "lambda_elbow": el["lambda_elbow"] * lo,
-                    "x_range": [el["lambda_start"], el["lambda_elbow"]],
-                    "n_points": f.n_points, "noise": el["noise"], "chi2_red": f.chi2_red})
-    if not per:
-        raise ValueError("no P has a detectable early power-law window; cannot fit gamma1")
-    g = np.array([p["gamma1"] for p in per])
-    if g.size > 1:
-        val, sig = float(g.mean()), float(g.std(ddof=1) / math.sqrt(g.size))
-    else:
-        val, sig = float(g[0]), float(per[0]["sigma"])
-        _note(log, "gamma1 from a single P: sigma1 is that fit's error, not an error of the mean")
-    gs = np.array([p["gamma1_short_window"] for p in per], float)
-    sys = float(abs(np.nanmean(gs) - val)) if np.isfinite(gs).any() else 0.0
-    return {"value": val, "sigma": sig, "sigma_window": sys, "sigma_total": math.hypot(sig, sys),
-            "n_P": int(g.size), "per_P": per,
-            "method": "mean over P of log-space fits x^-gamma1 on the collapsed curves' detected "
-                      "pure power-law windows; sigma = error of the mean (Appendix D); "
-                      "sigma_window = shift of the mean when each window is cut to its first 2/3 "
-                      "in log lambda; sigma_total = both in quadrature"}
+                    "lambda_start": el["lambda_start"], "lambda_elbow": el["lambda_elbow"],
+                    "lambda_fit_end": float(lam[sel].max()),
+                    "n_points": f.n_points, "noise": el["noise"], "lam": lam[sel], "eps": eps[sel]})
+    return per
 
 
-def fit_eq3(curves: dict, gamma1_res: dict, *, log: list | None = None) -> dict:
-    """Global fit of Eq. 3, eps = k1 lambda^-gamma1 + q1, on the pooled early windows of all P."""
-    lam, eps = [], []
-    for p in gamma1_res["per_P"]:
-        c = curves[p["P"]]
-        sel = (c["lam"] >= p["lambda_start"] * (1 - 1e-9)) & (c["lam"] <= p["lambda_elbow"] * (1 + 1e-9))
-        lam.append(c["lam"][sel].to_numpy())
-        eps.append(c["eps"][sel].to_numpy())
-    lam, eps = np.concatenate(lam), np.concatenate(eps)
-    f = fit_power_law(lam, eps, with_q="auto")
-    return {"k1": f.k, "sigma_k1": f.sigma_k, "gamma1": -f.a, "sigma_gamma1": f.sigma_a,
-            "q1": f.q, "sigma_q1": f.sigma_q, "q1_kept": f.q_kept, "q_test": _jsonable(f.q_test),
-            "fit_range_lambda": list(f.x_range), "n_points": f.n_points, "chi2_red": f.chi2_red}
+def _jackknife_sd(v: np.ndarray) -> float | None:
+    """Delete-one jackknife standard error: sqrt((n-1)/n sum (v_i - mean)^2); None if n < 3."""
+    n = v.size
+    return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
 
 
-def fit_gamma2(opt: pd.DataFrame, P_used: Sequence[int], *, with_q="auto",
-               drop_unreached: bool = False, log: list | None = None) -> dict:
-    """Fit of Eq. 4, lambda_opt = k2 P^gamma2 + q2, in log space on the per-seed optima.
+def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, float | None,
+                                                                  float | None]:
+    """Eq. 3 on the pooled windows ``per`` (dicts with "lam", "eps" arrays), q1 rule included.
 
-    Every (P, seed) optimum is one point (equal weights in log space: the seed scatter sets the
-    error through the reduced chi^2; a 3-5 seed standard error is too noisy to weight by).
-    Curves whose minimum was not bracketed (at_end) stay in by default, as in the paper, where
-    lambda_opt is "at the end of the training" for models that do not overfit; drop_unreached
-    leaves them out.
+    q1 (Eq. 3's floor) is kept when the F test asks for it, it is positive AND it is stable when
+    any one P is left out (q1 > Q1_JACKKNIFE_Z jackknife sigmas): the bend of each curve into
+    its elbow also looks like a q1 to the F test on pooled points, but it sits at a different
+    lambda for every P, so its "q1" moves when a P is dropped; a real floor does not.
 
     Args:
-      opt: per (P, seed) optima from :func:`optima`.
-      P_used: values of P in the fit.
+      jackknife_q: the q setting of the jackknife fits that give gamma1's error: None = the
+        model chosen here, "auto" = decided afresh in each fit.
 
     Returns:
-      dict k2, gamma2, q2 with sigmas, q2_kept and its test, fit_range_P, n_points, n_P.
+      (fit, jackknife sigma of gamma1 or None, jackknife sigma of q1 or None).
+    """
+    lam = np.concatenate([p["lam"] for p in per])
+    eps = np.concatenate([p["eps"] for p in per])
+
+    def jackknife(with_q):
+        out = []
+        for j in range(len(per)):
+            lj = np.concatenate([p["lam"] for i, p in enumerate(per) if i != j])
+            ej = np.concatenate([p["eps"] for i, p in enumerate(per) if i != j])
+            try:
+                fj = fit_power_law(lj, ej, with_q=with_q, alpha=alpha)
+            except ValueError:
+                continue
+            out.append((-fj.a, fj.q))
+        return np.asarray(out).reshape(-1, 2)
+
+    f = fit_power_law(lam, eps, with_q=False)
+    q_jk = None
+    if len(per) >= 3 and lam.size >= 5:
+        fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        if fq.q_kept:
+            q_jk = _jackknife_sd(jackknife(True)[:, 1])
+            if q_jk is not None and fq.q > Q1_JACKKNIFE_Z * q_jk:
+                f = fq
+        f = dataclasses.replace(f, q_test={**(fq.q_test or {}), "sigma_q1_jackknife": q_jk,
+                                           "z_jackknife": Q1_JACKKNIFE_Z})
+    s_jk = (_jackknife_sd(jackknife(f.q_kept if jackknife_q is None else jackknife_q)[:, 0])
+            if len(per) >= 3 else None)
+    if s_jk is not None:  # n_P - 1 degrees of freedom: +-sigma a 68 % interval (Student t)
+        s_jk *= _t68(len(per) - 1)
+        # The q1 model uncertainty (the reported q1 keeps the calibrated rule above): when the
+        # F test asks for a q1 > 0 that the jackknife rule then rejects, sigma is averaged over the fits without and with q1,
+        # information-criterion weights, between-model term included. Not otherwise: the bend
+        # of every window into its elbow gives the q1 fit some weight on pure power laws too
+        # (averaging always over-covered: 88-92 % in the study's base scenario).
+        ambiguous = bool((f.q_test or {}).get("p") is not None and f.q_test["p"] < alpha
+                         and (f.q_test.get("q") or 0) > 0 and not f.q_kept)
+        try:
+            f0 = fit_power_law(lam, eps, with_q=False)
+            f1 = fit_power_law(lam, eps, with_q=True)
+        except ValueError:
+            f1 = None
+        n = int(lam.size)
+        wq = (_q_weight(n, f0.chi2_red * (n - 2), f1.chi2_red * (n - 3))
+              if f1 is not None and f1.q > 0 and np.isfinite(f1.sigma_a) else None)
+        if wq is not None and ambiguous:
+            alt_q = not f.q_kept
+            s_alt = _jackknife_sd(jackknife(alt_q)[:, 0])
+            if s_alt is not None:
+                alt = (-(f1 if alt_q else f0).a, s_alt * _t68(len(per) - 1))
+                s_sel = s_jk
+                s_jk = _averaged_sigma((-f.a, s_sel), alt, wq if alt_q else 1 - wq)
+                f = dataclasses.replace(f, q_test={**(f.q_test or {}), "model_average": {
+                    "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt)}})
+    return f, s_jk, q_jk
+
+
+def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
+               alpha: float = Q_ALPHA, **elbow_kw) -> tuple[Exponent, Exponent]:
+    """gamma1 without hand choices: one pooled fit of Eq. 3 on every P's early window.
+
+    Window rule: for every P >= p_min, the widest stretch from the start of the seed-mean curve
+    that a straight line in (ln lambda, ln eps) fits within noise (:func:`detect_elbow`), of
+    which the first GAMMA1_WINDOW_FRACTION (2/3, in ln lambda) is fitted.
+    Eq. 3 says the early phase is the same curve for every P, so the windows are pooled in raw
+    (lambda, eps) and eps = k1 lambda^-gamma1 (+ q1 when the F test keeps it) is fitted once.
+    The points of one curve share its seeds' fluctuations, so the error is a delete-one-P
+    jackknife (sigma^2 = (n-1)/n sum (g_-i - g_.)^2) rather than the fit covariance (also
+    reported; the q decision is retaken in every jackknife fit); with fewer than 3 P it is the
+    covariance error.
+
+    Returns:
+      (gamma1, gamma1_appendix_d): the pooled Exponent (detail: k1, q1, per_P windows,
+      sigma_cov, sigma_jackknife) and the Appendix D estimate on the same windows (mean over P
+      of the per-P slopes, sigma = error of the mean).
+    """
+    method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) "
+              "on the detected early power-law windows of every P >= p_min; sigma: jackknife over P")
+    per = _window_fits(curves, P_used, log, elbow_kw)
+    app = "Appendix D: mean over P of per-P log-log slopes on the detected windows; sigma = error of the mean"
+    if not per:
+        why = "no P has a detectable early power-law window"
+        return Exponent.undetermined(method, why), Exponent.undetermined(app, why)
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q=None)
+    sigma = s_jk if s_jk is not None else f.sigma_a
+    windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
+    g1 = Exponent(value=-f.a, sigma=sigma, method=method, n=f.n_points, k=f.k, q=f.q,
+                  sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test, chi2_red=f.chi2_red,
+                  cov=f.cov, resid_sd=f.resid_sd, x_range=list(f.x_range),
+                  detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
+                          "sigma_cov": f.sigma_a, "sigma_jackknife": s_jk, "per_P": windows})
+    g = np.array([p["gamma1"] for p in per])
+    if g.size > 1:
+        # Is the early phase one power law for every P (Eq. 3)? chi^2 of the per-P slopes about
+        # their weighted mean, n_P - 1 degrees of freedom.
+        w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
+        chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
+        g1 = dataclasses.replace(g1, detail={**g1.detail, "slopes_chi2": chi2,
+                                             "slopes_dof": int(g.size - 1),
+                                             "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
+        gad = Exponent(value=float(g.mean()), sigma=float(g.std(ddof=1) / math.sqrt(g.size)),
+                       method=app, n=int(g.size))
+    else:
+        gad = Exponent(value=float(g[0]), sigma=float(per[0]["sigma"]), method=app, n=1,
+                       reason="one P: sigma is that fit's error")
+    return g1, gad
+
+
+def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int], *,
+                        alpha: float = Q_ALPHA, z: float = 2.0,
+                        log: list | None = None) -> tuple[Exponent, Exponent] | None:
+    """gamma1 from one window on the collapse, shared by every P with a bracketed minimum.
+
+    Eq. 5 puts every curve's elbow at the same x = lambda/lambda_opt, so the early window is
+    one interval x <= x_e for all P, in raw lambda it ends at x_e lambda_opt(P). Rule: the
+    largest x_e on a log grid (0.01 ... 0.7) for which Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1
+    kept by the F test when positive and stable under the jackknife over P, as in
+    :func:`fit_gamma1`) fits the pooled points within noise (reduced chi^2 in units of the
+    curves' point noise <= 1 + z sqrt(2/dof)); then, as in :func:`fit_gamma1`, each P's window
+    is cut to its first GAMMA1_WINDOW_FRACTION in ln lambda. Unlike per-curve
+    windows, a floor q1 does not end the window early (the model has q1), so the largest P,
+    whose windows reach the lowest errors, carry q1 into the fit. Error: jackknife over P (q1
+    decided afresh in each fit).
+
+    Returns:
+      (gamma1, gamma1_appendix_d), or None with fewer than 3 bracketed P (then the per-curve
+      windows of :func:`fit_gamma1` are used).
+    """
+    optd = opt_P.set_index("P")
+    Ps = [P for P in P_used if bool(optd.loc[P, "bracketed"])]
+    if len(Ps) < 3:
+        return None
+    cur = {}
+    for P in Ps:
+        c = curves[P].sort_values("lam", kind="stable")
+        lam, eps = c["lam"].to_numpy(), c["eps"].to_numpy()
+        cur[P] = (lam, eps, lam / optd.loc[P, "lambda_opt"])
+    noise = float(np.nanmedian([_noise_log(np.log(e[x < 1])) for lam, e, x in cur.values()]))
+    noise = max(noise if np.isfinite(noise) else 0.0, 0.003)
+    best = None
+    for xe in np.geomspace(0.01, 0.7, 25):
+        lam = np.concatenate([l[x <= xe] for l, e, x in cur.values()])
+        eps = np.concatenate([e[x <= xe] for l, e, x in cur.values()])
+        if lam.size < 10 or sum(int(np.sum(x <= xe)) >= 3 for _, _, x in cur.values()) < 3:
+            continue
+        f = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        dof = lam.size - (3 if f.q_kept else 2)
+        if f.chi2_red / noise ** 2 <= 1.0 + z * math.sqrt(2.0 / dof) and f.a < 0:
+            best = xe
+    if best is None:
+        return None
+    per = []
+    for P, (lam, eps, x) in cur.items():
+        m = x <= best
+        if m.sum() < 3:
+            continue
+        top = lam[m][0] * (lam[m][-1] / lam[m][0]) ** GAMMA1_WINDOW_FRACTION
+        sel = m & (lam <= top * (1 + 1e-9))
+        if sel.sum() < 3:
+            sel = m
+        f = fit_power_law(lam[sel], eps[sel], with_q=False)
+        per.append({"P": int(P), "gamma1": -f.a, "sigma": f.sigma_a, "k": f.k,
+                    "lambda_start": float(lam[m][0]), "lambda_elbow": float(lam[m][-1]),
+                    "lambda_fit_end": float(lam[sel].max()), "n_points": int(sel.sum()),
+                    "lam": lam[sel], "eps": eps[sel]})
+    # P without a bracketed minimum have no lambda_opt to place the shared window, but their
+    # early power law does not need one (a log-log slope does not depend on lambda_opt's
+    # normalization): their own detected window (detect_elbow, in absolute lambda) joins.
+    n_shared = len(per)
+    per += _window_fits(curves, [P for P in P_used if P not in cur], log, {})
+    if n_shared < 3:
+        return None
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q="auto")
+    g = np.array([p["gamma1"] for p in per])
+    w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
+    chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
+    windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
+    method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) on "
+              "one early window x = lambda/lambda_opt <= x_e shared by the bracketed P (x_e: the "
+              "widest that Eq. 3 fits within noise; P without a bracketed minimum: their own "
+              "detected window), first 2/3 of each; sigma: jackknife over P")
+    g1 = Exponent(value=-f.a, sigma=s_jk if s_jk is not None else f.sigma_a, method=method,
+                  n=f.n_points, k=f.k, q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept,
+                  q_test=f.q_test, chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
+                  x_range=list(f.x_range),
+                  detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
+                          "x_e": float(best), "noise": noise, "sigma_cov": f.sigma_a,
+                          "P_shared_window": sorted(cur), "P_own_window": [
+                              p["P"] for p in per[n_shared:]],
+                          "sigma_jackknife": s_jk, "per_P": windows, "slopes_chi2": chi2,
+                          "slopes_dof": int(g.size - 1),
+                          "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
+    gad = Exponent(value=float(g.mean()), sigma=float(g.std(ddof=1) / math.sqrt(g.size)),
+                   method="Appendix D: mean over P of per-P log-log slopes on the same windows; "
+                          "sigma = error of the mean", n=int(g.size))
+    return g1, gad
+
+
+def fit_gamma1_window(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int],
+                      window: tuple, *, log: list | None = None) -> Exponent:
+    """The authors' gamma1: per-P log-log slopes inside a hand-chosen window of the collapse.
+
+    For every P >= p_min: x = lambda/lambda_opt(P), y = eps/eps_opt(P) (Eq. 5), points with
+    lo <= x <= hi (None = open), least-squares line of ln y on ln x, sigma_i its standard error
+    (residual variance / (n - 2)). gamma1 = mean of -slope_i; sigma1 = sqrt(sum sigma_i^2 / n),
+    as ``fit_phi`` in the authors' notebook (it reproduces their stored sigma1; Appendix D's
+    text says "error of the mean", stored as detail.sigma_error_of_mean).
 
     Raises:
-      ValueError: fewer than 2 values of P with a reached minimum.
+      ValueError: a P has fewer than 3 points in the window.
     """
-    sub = opt[opt["P"].isin(list(P_used))]
-    if drop_unreached:
-        dropped = sorted({int(p) for p in sub.loc[sub["at_end"], "P"]})
-        sub = sub[~sub["at_end"]]
-        if dropped:
-            _note(log, f"gamma2: left out curves whose minimum was not reached, at P={dropped}")
-    nP = sub["P"].nunique()
-    if nP < 2:
-        raise ValueError(f"gamma2 needs lambda_opt at >= 2 values of P, got P={_Ps(sub)}")
-    f = fit_power_law(sub["P"].to_numpy(float), sub["lambda_opt"].to_numpy(float),
-                      with_q=with_q if nP >= 4 else False)
-    return {"k2": f.k, "sigma_k2": f.sigma_k, "gamma2": f.a, "sigma_gamma2": f.sigma_a,
-            "q2": f.q, "sigma_q2": f.sigma_q, "q2_kept": f.q_kept, "q_test": _jsonable(f.q_test),
-            "fit_range_P": list(f.x_range), "n_points": f.n_points, "n_P": int(nP),
-            "chi2_red": f.chi2_red}
+    lo, hi = window
+    optd = opt_P.set_index("P")
+    per = []
+    for P in P_used:
+        c = curves[P]
+        x = c["lam"].to_numpy() / optd.loc[P, "lambda_opt"]
+        y = c["eps"].to_numpy() / optd.loc[P, "eps_opt"]
+        m = np.isfinite(y) & (x > 0) & (y > 0)
+        if lo is not None:
+            m &= x >= lo
+        if hi is not None:
+            m &= x <= hi
+        if m.sum() < 3:
+            raise ValueError(f"P={P}: {int(m.sum())} points inside gamma1_window={window}; "
+                             "a slope with an error needs >= 3")
+        f = fit_power_law(x[m], y[m], with_q=False)
+        per.append({"P": int(P), "gamma1": -f.a, "sigma": f.sigma_a, "k": f.k,
+                    "x_range": list(f.x_range), "n_points": f.n_points})
+    g = np.array([p["gamma1"] for p in per])
+    s = np.array([p["sigma"] for p in per])
+    return Exponent(value=float(g.mean()), sigma=float(math.sqrt(np.sum(s ** 2) / s.size)),
+                    method=f"authors' procedure: mean over P >= p_min of log-log slopes of "
+                           f"eps/eps_opt vs lambda/lambda_opt in window {list(window)}; "
+                           "sigma1 = sqrt(sum sigma_i^2 / n)", n=int(g.size),
+                    detail={"per_P": per, "window": list(window),
+                            "sigma_error_of_mean": float(g.std(ddof=1) / math.sqrt(g.size))
+                            if g.size > 1 else None,
+                            "sigma_sqrt_sum_over_n": float(math.sqrt(np.sum(s ** 2)) / s.size)})
 
 
-def fit_gamma_eps(opt: pd.DataFrame, P_used: Sequence[int], column: str = "eps_end",
-                  with_q="auto") -> dict:
-    """Fit of eps(P) = k P^-gamma + q (Fig. 9) in log space on the per-seed ``column`` values.
+def fit_gamma2(opt_P: pd.DataFrame, P_used: Sequence[int], *, column: str = "lambda_opt",
+               require_bracketed: bool = True, with_q: bool | str = "auto",
+               alpha: float = Q_ALPHA, method: str | None = None,
+               average_q: bool = False) -> Exponent:
+    """Eq. 4, lambda_opt = k2 P^gamma2 + q2, fitted in log space over P in ``P_used``.
+
+    One point per P (the optimum of its seed-mean curve); the slope's error comes from the
+    scatter of the points about the law (whatever its source: seeds, noise, grid). With
+    ``require_bracketed`` only P whose minimum is bracketed enter; fewer than MIN_P_FIT (3)
+    such P -> not determined, with the reason.
 
     Args:
-      opt: per (P, seed) optima from :func:`optima`.
-      P_used: values of P in the fit.
-      column: "eps_end" (test error at the last evaluation: gamma_meas) or "eps_opt".
+      opt_P: from :func:`optimum_per_P`.
+      column: "lambda_opt", "lambda_argmin" or "lambda_seed_argmins".
+    """
+    method = method or (f"log-space fit of Eq. 4 on {column}(P) of the bracketed minima, "
+                        "q2 by F test; sigma from the scatter across P")
+    sub = opt_P[opt_P["P"].isin(list(P_used))]
+    if column not in sub.columns:
+        return Exponent.undetermined(method, f"no {column} in the data (per-seed curves needed)")
+    nb = [int(p) for p in sub.loc[~sub["bracketed"].astype(bool), "P"]]
+    if require_bracketed:
+        sub = sub[sub["bracketed"].astype(bool)]
+    if len(sub) < MIN_P_FIT:
+        why = (f"only {len(sub)} usable values of P (need {MIN_P_FIT})"
+               + (f"; minimum not bracketed (lambda_opt only bounded below by the last "
+                  f"evaluation) at P = {nb}" if nb else ""))
+        return Exponent.undetermined(method, why, n=len(sub))
+    e = fit_exponent(sub["P"].to_numpy(float), sub[column].to_numpy(float), sign=+1,
+                     method=method, with_q=with_q, alpha=alpha, average_q=average_q,
+                     detail={"P": [int(p) for p in sub["P"]], "unbracketed_P": nb})
+    if nb and not require_bracketed:
+        e = dataclasses.replace(e, reason=f"includes unbracketed minima (lower bounds) at P = {nb}")
+    return e
+
+
+def _fit_fixed_q(x, y, q, sigma_q, sign, method, detail) -> Exponent | None:
+    """y = k x^(sign gamma) + q with q known (error sigma_q): a line through ln(y - q)."""
+    if not np.all(y - q - abs(sigma_q) > 0):
+        return None
+    f = fit_power_law(x, y - q, with_q=False)
+    shift = [fit_power_law(x, y - (q + d), with_q=False).a for d in (sigma_q, -sigma_q)]
+    s_q = abs(shift[0] - shift[1]) / 2.0  # q's own error, propagated
+    r = np.log(y) - np.log(f.k * x ** f.a + q)
+    resid = math.sqrt(float(r @ r) / max(x.size - 2, 1))
+    return Exponent(value=sign * f.a, sigma=math.hypot(f.sigma_a, s_q), method=method,
+                    n=f.n_points, k=f.k, q=q, sigma_q=sigma_q, q_kept=True,
+                    q_test={"fixed": "q1 of Eq. 3 (Eq. 6 has the same floor)",
+                            "sigma_from_q": s_q}, chi2_red=f.chi2_red, cov=f.cov,
+                    resid_sd=resid, x_range=list(f.x_range), detail=detail)
+
+
+def fit_gamma_eps(opt_P: pd.DataFrame, P_used: Sequence[int], column: str = "eps_opt", *,
+                  with_q: bool | str = "auto", alpha: float = Q_ALPHA,
+                  require_bracketed: bool | None = None,
+                  q1: tuple[float, float] | None = None, average_q: bool = False) -> Exponent:
+    """eps(P) = k P^-gamma + q (Eq. 6 / Fig. 9) in log space: gamma_opt or gamma_end.
+
+    Args:
+      opt_P: from :func:`optimum_per_P`.
+      column: "eps_opt" (error at the optimum, Eq. 6's quantity: gamma_opt; only bracketed
+        minima by default) or "eps_end" (error at the last evaluation: gamma_end).
+      q1: (q1, sigma_q1) of Eq. 3 when its fit kept a floor: Eq. 6 has the same q1, so it is
+        used as the known q here (its error propagated) instead of a q of this fit's own; with
+        5-8 values of P the F test alone rarely detects it.
 
     Raises:
-      ValueError: fewer than 2 values of P, or an unknown column.
+      ValueError: an unknown column.
     """
-    if column not in ("eps_end", "eps_opt"):
-        raise ValueError(f"column must be 'eps_end' or 'eps_opt', got {column!r}")
-    sub = opt[opt["P"].isin(list(P_used))]
-    nP = sub["P"].nunique()
-    if nP < 2:
-        raise ValueError(f"eps(P) exponent needs >= 2 values of P, got P={_Ps(sub)}")
-    f = fit_power_law(sub["P"].to_numpy(float), sub[column].to_numpy(float),
-                      with_q=with_q if nP >= 4 else False)
-    return {"gamma": -f.a, "sigma": f.sigma_a, "k": f.k, "sigma_k": f.sigma_k, "q": f.q,
-            "sigma_q": f.sigma_q, "q_kept": f.q_kept, "q_test": _jsonable(f.q_test),
-            "fit_range_P": list(f.x_range), "n_points": f.n_points, "n_P": int(nP),
-            "chi2_red": f.chi2_red, "quantity": column}
+    if column not in ("eps_end", "eps_opt", "eps_argmin"):
+        raise ValueError(f"column must be 'eps_opt', 'eps_argmin' or 'eps_end', got {column!r}")
+    req = (column == "eps_opt") if require_bracketed is None else require_bracketed
+    method = {"eps_opt": "log-space fit of eps_opt(P) (Eq. 6 at the optimum), q by F test",
+              "eps_argmin": "log-space fit of eps at the grid arg-min vs P",
+              "eps_end": "log-space fit of eps at the last evaluation vs P, q by F test"}[column]
+    sub = opt_P[opt_P["P"].isin(list(P_used))]
+    nb = [int(p) for p in sub.loc[~sub["bracketed"].astype(bool), "P"]]
+    if req:
+        sub = sub[sub["bracketed"].astype(bool)]
+    if len(sub) < MIN_P_FIT:
+        why = (f"only {len(sub)} usable values of P (need {MIN_P_FIT})"
+               + (f"; minimum not bracketed at P = {nb}" if nb and req else ""))
+        return Exponent.undetermined(method, why, n=len(sub))
+    detail = {"quantity": column, "P": [int(p) for p in sub["P"]]}
+    if q1 is not None and with_q == "auto":
+        e = _fit_fixed_q(sub["P"].to_numpy(float), sub[column].to_numpy(float), q1[0], q1[1],
+                         -1, method.replace("q by F test", "q = q1 of Eq. 3"), detail)
+        if e is not None:
+            return e
+    return fit_exponent(sub["P"].to_numpy(float), sub[column].to_numpy(float), sign=-1,
+                        method=method, with_q=with_q, alpha=alpha, detail=detail,
+                        average_q=average_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Censored (Tobit) power law: unbracketed minima as bounds
+# ----------------------------------------------------------------------------------------------
+
+def _censored_nll(p, lx, ly, cens, bound, m2):
+    """Negative log-likelihood of ln y = c + a ln x + e, e ~ N(0, s^2 + m_i^2), s = exp(p[2]).
+
+    Observed points (cens False) enter as Gaussian densities; censored ones as the probability
+    of lying beyond their bound: bound = +1, the true ln y >= ly (a lower bound); -1, <= ly."""
+    mu = p[0] + p[1] * lx
+    sd = np.sqrt(math.exp(2.0 * p[2]) + m2)
+    z = (ly - mu) / sd
+    obs = ~cens
+    nll = float(np.sum(0.5 * z[obs] ** 2 + np.log(sd[obs]))) + 0.5 * math.log(2 * math.pi) * obs.sum()
+    if cens.any():
+        nll -= float(np.sum(stats.norm.logcdf(-bound * z[cens])))
+    return nll
+
+
+def fit_censored_power_law(x, y, censored, *, bound: int, sigma_meas=None, method: str,
+                           sign: int, detail: dict | None = None, min_observed: int = 2,
+                           span: float = 3.0) -> Exponent:
+    """y = k x^(sign gamma) with some y only bounded (Tobit maximum likelihood in log space).
+
+    A minimum that training did not bracket is a censored observation: lambda_opt(P) >= the
+    lambda of the curve's lowest point (``bound=+1``), eps_opt(P) <= the error there
+    (``bound=-1``). The model is ln y_i = ln k + a ln x_i + e_i with e_i ~ N(0, s^2 + m_i^2):
+    s the scatter about the law (fitted), m_i each point's own measurement error
+    (``sigma_meas``, in ln units: the vertex error or the grid step / sqrt(12)). Observed points
+    contribute Gaussian densities, censored ones the probability of lying beyond their bound
+    (Tobin 1958; the survival term). ln k, a, ln s by maximum likelihood.
+
+    Error of a: the profile likelihood (ln k and ln s re-maximized on a grid of a): the half
+    width of the interval where 2 (nll(a) - nll_min) <= 1, scaled by the Student-t quantile
+    t_0.8413(n - 3) (the ML scatter s is biased low with a few points), so that +-sigma is a
+    68 % interval; the observed-information error is in ``detail.sigma_information``.
+
+    Determined when >= ``min_observed`` points are observed, >= 3 in all, and the profile
+    likelihood closes on both sides within ``span`` of the estimate; otherwise not determined,
+    with the reason (e.g. every point censored: the bounds alone do not bound gamma).
+
+    Args:
+      x, y: shape [n], positive.
+      censored: bool [n], True where y is only a bound.
+      bound: +1 (censored y are lower bounds) or -1 (upper bounds).
+      sigma_meas: per-point errors of ln y, [n] (None: 0).
+      sign: +1 for growing laws (returns gamma = a), -1 for decaying ones (gamma = -a).
+
+    Returns:
+      :class:`Exponent` (k, cov of [ln k, a], resid_sd = s, detail with the censored points).
+
+    Raises:
+      ValueError: a bad ``bound`` or mismatched shapes.
+    """
+    if bound not in (1, -1):
+        raise ValueError(f"bound must be +1 or -1, got {bound!r}")
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    cens = np.asarray(censored, bool)
+    m = np.zeros_like(x) if sigma_meas is None else np.nan_to_num(np.asarray(sigma_meas, float))
+    if not (x.shape == y.shape == cens.shape == m.shape):
+        raise ValueError("x, y, censored and sigma_meas must have the same shape")
+    lx, ly, m2 = np.log(x), np.log(y), m * m + 1e-8
+    n_obs, n = int((~cens).sum()), int(x.size)
+    detail = {**(detail or {}), "n_observed": n_obs, "n_censored": n - n_obs,
+              "bound": "lower" if bound > 0 else "upper"}
+    if n_obs < min_observed or n < MIN_P_FIT:
+        return Exponent.undetermined(method, f"{n_obs} observed and {n - n_obs} censored points: "
+                                     f"need >= {min_observed} observed and >= {MIN_P_FIT} in all",
+                                     n=n)
+    X = np.column_stack([np.ones(n), lx])
+    c0, *_ = np.linalg.lstsq(X[~cens], ly[~cens], rcond=None)
+    r0 = ly[~cens] - X[~cens] @ c0
+    p0 = np.array([c0[0], c0[1], math.log(max(float(np.std(r0)), 0.02))])
+    nll = lambda p: _censored_nll(p, lx, ly, cens, bound, m2)  # noqa: E731
+    best = None
+    for start in (p0, p0 + [0.0, 0.0, 1.0], np.array([*np.linalg.lstsq(X, ly, rcond=None)[0], 0.0])):
+        r = optimize.minimize(nll, start, method="Nelder-Mead",
+                              options={"xatol": 1e-7, "fatol": 1e-9, "maxiter": 4000})
+        if best is None or r.fun < best.fun:
+            best = r
+    ph, fmin = best.x, float(best.fun)
+
+    def profile(a):
+        r = optimize.minimize(lambda q: nll([q[0], a, q[1]]), [ph[0] + (ph[1] - a) * lx.mean(), ph[2]],
+                              method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-9})
+        return float(r.fun) - fmin
+
+    ends = []
+    for d in (-1.0, 1.0):  # where 2 delta nll = 1, bisection on the profile
+        lo_, hi_ = 0.0, None
+        step = 0.02
+        while step <= span:
+            if profile(ph[1] + d * step) >= 0.5:
+                hi_ = step
+                break
+            lo_, step = step, step * 2.0
+        if hi_ is None:
+            return Exponent.undetermined(
+                method, f"the likelihood does not bound the exponent on the "
+                f"{'low' if d * sign < 0 else 'high'} side ({n_obs} observed, {n - n_obs} censored "
+                f"points)", n=n)
+        for _ in range(30):
+            mid = 0.5 * (lo_ + hi_)
+            lo_, hi_ = (mid, hi_) if profile(ph[1] + d * mid) < 0.5 else (lo_, mid)
+        ends.append(0.5 * (lo_ + hi_))
+    dof = max(n - 3, 1)
+    t = float(stats.t.ppf(stats.norm.cdf(1.0), dof))
+    sig = 0.5 * (ends[0] + ends[1]) * t
+    # observed information (numerical Hessian of nll in (ln k, a, ln s))
+    h = 1e-4
+    H = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            e_i, e_j = np.eye(3)[i] * h, np.eye(3)[j] * h
+            H[i, j] = (nll(ph + e_i + e_j) - nll(ph + e_i - e_j) - nll(ph - e_i + e_j)
+                       + nll(ph - e_i - e_j)) / (4 * h * h)
+    try:
+        cov = np.linalg.inv(H)
+        s_info = float(math.sqrt(cov[1, 1])) if cov[1, 1] > 0 else None
+    except np.linalg.LinAlgError:
+        cov, s_info = np.full((3, 3), np.nan), None
+    s_hat = math.exp(ph[2])
+    ratio = (sig / t) / s_info if s_info else 1.0
+    cov2 = (cov[:2, :2] * ratio ** 2).tolist() if np.all(np.isfinite(cov[:2, :2])) else None
+    viol = [int(i) for i in np.flatnonzero(cens & (bound * (ph[0] + ph[1] * lx - ly) < 0))]
+    detail.update(sigma_information=s_info, sigma_profile=0.5 * (ends[0] + ends[1]),
+                  profile_ends=[float(ph[1] - ends[0]), float(ph[1] + ends[1])], t_factor=t,
+                  scatter=s_hat, censored_x=[float(v) for v in x[cens]],
+                  censored_bounds=[float(v) for v in y[cens]],
+                  bounds_below_law=[float(x[i]) for i in viol], nll=fmin)
+    return Exponent(value=sign * float(ph[1]), sigma=float(sig), method=method, n=n,
+                    k=float(math.exp(ph[0])), chi2_red=None, cov=cov2, resid_sd=s_hat,
+                    x_range=[float(x.min()), float(x.max())], detail=detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -777,11 +1589,14 @@ def fit_gamma_eps(opt: pd.DataFrame, P_used: Sequence[int], column: str = "eps_e
 # ----------------------------------------------------------------------------------------------
 
 def rescaled_curves(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int] | None = None) -> dict:
-    """{P: (x, y)} with x = lambda/lambda_opt(P), y = eps/eps_opt(P) (Eq. 5), seed-mean curves."""
+    """{P: (x, y)} with x = lambda/lambda_opt(P), y = eps/eps_opt(P) (Eq. 5), seed-mean curves.
+
+    ``opt_P`` is the per-P table of :func:`optimum_per_P` (columns P, lambda_opt, eps_opt).
+    """
     optd = opt_P.set_index("P")
     P_used = sorted(curves) if P_used is None else P_used
-    return {P: (curves[P]["lam"].to_numpy() / optd.loc[P, "lambda_opt_mean"],
-                curves[P]["eps"].to_numpy() / optd.loc[P, "eps_opt_mean"]) for P in P_used}
+    return {P: (curves[P]["lam"].to_numpy() / optd.loc[P, "lambda_opt"],
+                curves[P]["eps"].to_numpy() / optd.loc[P, "eps_opt"]) for P in P_used}
 
 
 def collapse_quality(resc: dict, n_grid: int = 60) -> dict:
@@ -877,169 +1692,276 @@ def _dev_from(curve, refs, n_grid=40):
 # The whole analysis
 # ----------------------------------------------------------------------------------------------
 
-def _core(df, P_used, refine, log, elbow_kw):
-    """gamma1, gamma2, gamma_meas, gamma_pred for one cleaned frame (also used by the bootstrap)."""
-    opt = optima(df, refine=refine, log=log)
-    opt_P = optima_by_P(opt)
-    curves = mean_curves(df)
+def _check_choices(p_min, gamma1_window, optimum, Ps):
+    if optimum not in ("vertex", "argmin"):
+        raise ValueError(f"optimum must be 'vertex' or 'argmin', got {optimum!r}")
+    if gamma1_window is not None:
+        ok = isinstance(gamma1_window, (tuple, list)) and len(gamma1_window) == 2 and all(
+            w is None or (isinstance(w, (int, float)) and w > 0) for w in gamma1_window)
+        if ok and None not in gamma1_window:
+            ok = gamma1_window[0] < gamma1_window[1]
+        if not ok:
+            raise ValueError(f"gamma1_window must be (lo, hi) with 0 < lo < hi on lambda/lambda_opt "
+                             f"(None = open), got {gamma1_window!r}")
+    if p_min is not None:
+        if not isinstance(p_min, (int, np.integer)) or p_min <= 0:
+            raise ValueError(f"p_min must be a positive integer, got {p_min!r}")
+        if p_min > Ps[-1]:
+            raise ValueError(f"p_min={p_min} exceeds the largest P in the data; P values: {Ps}")
+
+
+def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alpha, elbow_kw,
+          log=None) -> dict:
+    """Every exponent for one cleaned frame at a fixed P set (also used by the bootstrap)."""
+    seed_opt = optima(d, method=optimum)
+    curves = mean_curves(d)
+    opt_P = optimum_per_P(curves, optimum, seed_opt)
+    if optimum == "vertex":
+        opt_P = _joint(curves, opt_P, P_used)
     P_used = [P for P in P_used if P in curves]
-    out = {"opt": opt, "opt_P": opt_P, "curves": curves, "P_used": P_used}
-    out["gamma1"] = fit_gamma1(curves, opt_P, P_used, log=log, **elbow_kw)
-    out["gamma2"] = fit_gamma2(opt, P_used)
-    out["gamma_meas"] = fit_gamma_eps(opt, P_used, "eps_end")
-    g1, s1 = out["gamma1"]["value"], out["gamma1"]["sigma"]
-    g2, s2 = out["gamma2"]["gamma2"], out["gamma2"]["sigma_gamma2"]
-    gp = g1 * g2
-    out["gamma_pred"] = {"value": gp, "sigma": abs(gp) * math.sqrt((s1 / g1) ** 2 + (s2 / g2) ** 2)}
+    out: dict[str, Any] = {"curves": curves, "opt_P": opt_P, "seed_opt": seed_opt}
+    authors = optimum == "argmin"
+    if gamma1_window is not None:
+        try:
+            out["gamma1"] = fit_gamma1_window(curves, opt_P, P_used, tuple(gamma1_window), log=log)
+        except ValueError as e:
+            out["gamma1"] = Exponent.undetermined("authors' window", str(e))
+        out["gamma1_appendix_d"] = out["gamma1"]
+    else:
+        col = fit_gamma1_collapse(curves, opt_P, P_used, alpha=alpha, log=log) \
+            if optimum == "vertex" and not elbow_kw else None
+        out["gamma1"], out["gamma1_appendix_d"] = col if col is not None else fit_gamma1(
+            curves, P_used, log=log, alpha=alpha, **elbow_kw)
+    if authors:
+        # The authors' gamma2: a plain log-log line through the grid arg-mins of P >= p_min.
+        out["gamma2"] = fit_gamma2(opt_P, P_used, require_bracketed=False, with_q=False,
+                                   method="authors' procedure: log-log line of the grid arg-min "
+                                          "lambda_opt(P) over P >= p_min; standard error of the slope")
+        out["gamma_opt"] = fit_gamma_eps(opt_P, P_used, "eps_opt", with_q=False,
+                                         require_bracketed=False)
+    else:
+        g1 = out["gamma1"]
+        q1 = (g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None
+        out["gamma2_bracketed"] = out["gamma2"] = fit_gamma2(opt_P, P_used, alpha=alpha,
+                                                             average_q=True)
+        out["gamma_opt_bracketed"] = out["gamma_opt"] = fit_gamma_eps(
+            opt_P, P_used, "eps_opt", alpha=alpha, q1=q1, average_q=True)
+        sub = opt_P[opt_P["P"].isin(list(P_used))]
+        if not sub["bracketed"].astype(bool).all():
+            out["gamma2"], out["gamma_opt"], out["gamma2_end_convention"] = _censored_laws(sub)
+    out["gamma2_argmin"] = fit_gamma2(
+        opt_P, P_used, column="lambda_argmin", require_bracketed=False, with_q=False,
+        method="Appendix D definition: log-log line of the seed-mean curve's grid arg-min vs P")
+    out["gamma2_seed_argmins"] = fit_gamma2(
+        opt_P, P_used, column="lambda_seed_argmins", require_bracketed=False, with_q=False,
+        method="authors' gamma2 input: log-log line of the mean over seeds of each seed's "
+               "grid arg-min lambda vs P")
+    for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention"):
+        out.setdefault(k, out["gamma2"] if k == "gamma2_bracketed" else
+                       out["gamma_opt"] if k == "gamma_opt_bracketed" else out["gamma2_argmin"])
+    g1 = out["gamma1"]
+    out["gamma_end"] = fit_gamma_eps(opt_P, P_used, "eps_end", alpha=alpha,
+                                     with_q=False if authors else "auto", average_q=not authors,
+                                     q1=(g1.q, g1.sigma_q) if g1.determined and g1.q_kept else None)
+    if not authors:
+        for k in ("gamma2", "gamma2_bracketed", "gamma_opt", "gamma_opt_bracketed", "gamma_end"):
+            out[k] = _t_scaled(out[k])
+    out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
+                                         "gamma1 * gamma2; sigma as Appendix D")
+    gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
+    on = "eps_opt" if out["gamma_opt"].determined else "eps_end"
+    out["gamma_meas"] = dataclasses.replace(
+        gm, method=f"gamma_meas on {on}: " + gm.method,
+        detail={**(gm.detail or {}), "quantity": on})
     return out
 
 
-def analyze(df: pd.DataFrame, *, p_min: int | None = None, collapse_tol: float = 0.08,
-            refine_optimum: bool = True, n_boot: int = 100, boot_seed: int = 0,
-            elbow_kw: dict | None = None) -> dict:
-    """Full Sec. 3.2 / Sec. 4 / Appendix D analysis of one (arch, dataset) results table.
+def _t_scaled(e: Exponent) -> Exponent:
+    """A least-squares exponent whose sigma comes from the scatter of n points (n - n_par
+    degrees of freedom) with sigma scaled by the Student-t quantile t_0.8413(dof), so that
+    +-sigma is a 68 % interval (x1.32 at 2 dof, x1.14 at 4, x1.09 at 6); the unscaled sigma
+    stays in ``detail.sigma_unscaled``. Censored fits (already scaled) and undetermined
+    exponents pass unchanged."""
+    if not e.determined or e.cov is None or (e.detail or {}).get("t_factor") is not None:
+        return e
+    dof = max(e.n - len(e.cov), 1)
+    t = float(stats.t.ppf(stats.norm.cdf(1.0), dof))
+    return dataclasses.replace(e, sigma=e.sigma * t, detail={**(e.detail or {}), "t_factor": t,
+                                                             "sigma_unscaled": e.sigma})
+
+
+def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent]:
+    """gamma2 and gamma_opt with the unbracketed minima as censored points, and the
+    end-of-training convention fit of gamma2 (the paper's: the lowest point taken as lambda_opt).
+
+    An unbracketed minimum bounds the optimum (training stopped while eps was falling or
+    flat): lambda_opt(P) >= ``lambda_bound``, the first point whose error is within the
+    bracketing tolerance max(3 noise, 1 %) of the lowest one (on a flat end the lowest point
+    itself may lie past the true minimum: taking it as the bound biased gamma2 by +0.7 sigma in
+    the study), and eps_opt(P) <= the lowest error. Both laws are fitted by
+    :func:`fit_censored_power_law` (bracketed P: vertex value and error; censored P: the bound,
+    error grid step / sqrt(12) resp. the curve noise). Every P is listed in
+    ``detail``. The value is reported only when the likelihood determines it (>= 2 bracketed P,
+    a closed profile likelihood); with every minimum censored gamma2 is not determined and
+    ``detail.lambda_opt_lower_bounds`` gives what the data do say.
 
     Args:
-      df: results DataFrame of one architecture and dataset (see :func:`clean`).
-      p_min: smallest P used in the fits; None chooses it from the collapse
-        (:func:`choose_p_min`).
-      collapse_tol: tolerance (rms log10 deviation) of the automatic P_min.
-      refine_optimum: parabola refinement of each curve's minimum (:func:`curve_optimum`).
-      n_boot: bootstrap resamples over seeds (0 disables).
-      boot_seed: seed of the bootstrap.
+      sub: rows of :func:`optimum_per_P` for P >= p_min.
+    """
+    br = sub["bracketed"].astype(bool).to_numpy()
+    P = sub["P"].to_numpy(float)
+    step = np.nan_to_num(sub["grid_step"].to_numpy(float)) / math.sqrt(12.0)
+    lam = np.where(br, sub["lambda_opt"], sub["lambda_bound"]).astype(float)
+    s_lam = np.where(br, np.nan_to_num(sub["sigma_ln_lambda_opt"].to_numpy(float)), step)
+    eps = np.where(br, sub["eps_opt"], sub["eps_argmin"]).astype(float)
+    s_eps = np.where(br, np.nan_to_num(sub["sigma_ln_eps_opt"].to_numpy(float)),
+                     np.nan_to_num(sub["noise"].to_numpy(float)))
+    det = {"P": [int(p) for p in P], "censored_P": [int(p) for p in P[~br]]}
+    g2 = fit_censored_power_law(
+        P, lam, ~br, bound=+1, sigma_meas=s_lam, sign=+1, detail=dict(det),
+        method="censored (Tobit) maximum-likelihood fit of Eq. 4 in log space: bracketed "
+               "minima as Gaussian points, unbracketed ones as lower bounds lambda_opt(P) >= "
+               "lambda_bound (first point within noise of the lowest); scatter fitted; sigma: "
+               "profile likelihood, Student t")
+    bounds = {int(p): float(v) for p, v, b in zip(P, lam, br) if not b}
+    if not g2.determined:
+        g2 = dataclasses.replace(
+            g2, reason=f"{g2.reason}; minimum not bracketed at P = {det['censored_P']}: "
+                       "lambda_opt only bounded below there (detail.lambda_opt_lower_bounds)",
+            detail={**det, "lambda_opt_lower_bounds": bounds, "n_bracketed": int(br.sum())})
+    go = fit_censored_power_law(
+        P, eps, ~br, bound=-1, sigma_meas=s_eps, sign=-1, detail=dict(det),
+        method="censored (Tobit) maximum-likelihood fit of eps_opt(P) (Eq. 6 at the optimum): "
+               "unbracketed minima as upper bounds eps_opt(P) <= eps at the lowest point; no q; "
+               "sigma: profile likelihood, Student t")
+    lam_low = np.where(br, sub["lambda_opt"], sub["lambda_argmin"]).astype(float)
+    end = fit_exponent(P, lam_low, sign=+1, with_q=False,
+                       method="end-of-training convention (the paper's): log-log line of "
+                              "lambda_opt(P), the lowest point's lambda where the minimum is not "
+                              "bracketed (a lower bound used as a value)",
+                       detail={**det, "note": "unbracketed minima used as if they were minima"})
+    return g2, go, end
+
+
+def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple | None = None,
+            optimum: str = "vertex", collapse_tol: float = 0.08, alpha: float = Q_ALPHA,
+            n_boot: int = 0, boot_seed: int = 0, elbow_kw: dict | None = None) -> dict:
+    """The Sec. 3.2 / Sec. 4 / Appendix D analysis of one (arch, dataset) results table.
+
+    With ``p_min``, ``gamma1_window=(lo, hi)`` and ``optimum="argmin"`` it is the authors'
+    procedure exactly (module docstring); each choice left at its default is made by the
+    automatic rule instead:
+
+    * p_min: the smallest P from which on the rescaled curves collapse within ``collapse_tol``
+      (rms log10 deviation from the larger-P curves; :func:`choose_p_min`), at least 3 P kept;
+    * early window: :func:`detect_elbow` per P, pooled Eq. 3 fit (:func:`fit_gamma1`);
+    * lambda_opt: parabola vertex, unbracketed minima left out (:func:`curve_optimum`).
+
+    Args:
+      df: results of one architecture and dataset (per-seed curves, or seed-mean curves on a
+        lambda grid with a constant seed and epoch = grid index).
+      p_min: smallest P in the fits (None: automatic).
+      gamma1_window: (lo, hi) bounds of lambda/lambda_opt for the authors' per-P gamma1
+        (None entries = open); None: automatic pooled fit.
+      optimum: "vertex" (default) or "argmin" (the authors': grid arg-min of the seed-mean
+        curve, unbracketed minima used as they are; gamma2 a plain log-log line).
+      collapse_tol: tolerance of the automatic p_min.
+      alpha: level of the F test that keeps q terms.
+      n_boot: bootstrap resamples over seeds (0: none).
       elbow_kw: options for :func:`detect_elbow`.
 
     Returns:
-      JSON-serializable summary dict: labels, P values, p_min, warnings, optima per P, elbows,
-      gamma1 (Appendix D), eq3 (global Eq. 3 fit), gamma2 (Eq. 4), gamma_meas and gamma_opt
-      (eps(P) fits), gamma_pred, comparison sigma (Appendix D), bootstrap, collapse quality,
-      thresholds P_-/P_+, and the Table 1 / Table 2 rows. Failures of a step are recorded under
-      "errors" with the reason instead of raising.
+      JSON-ready summary dict: labels, choices, p_min, P_used, optima (per P), seed_optima,
+      collapse quality, every exponent as a serialized :class:`Exponent` (gamma1,
+      gamma1_appendix_d, gamma2 (censored fit when some P >= p_min are not bracketed),
+      gamma2_bracketed, gamma2_end_convention, gamma2_argmin, gamma2_seed_argmins, gamma_opt,
+      gamma_opt_bracketed, gamma_end,
+      gamma_meas = the one Table 1 uses, gamma_pred), comparison, thresholds, warnings,
+      table1, table2.
 
     Raises:
-      ValueError: unusable input (missing columns, no rows, bad p_min, several arch/dataset).
+      ValueError: unusable input (missing columns, duplicated rows, no usable replica, bad
+        p_min / gamma1_window / optimum, several arch/dataset).
     """
     log: list = []
-    errors: dict = {}
     elbow_kw = dict(elbow_kw or {})
+    if isinstance(df, pd.DataFrame):
+        for col in ("arch", "dataset", "size"):
+            _single_label(df, col)  # several models in one table: say so before anything else
     d = clean(df, log)
-    arch = _single_label(d, "arch")
-    dataset = _single_label(d, "dataset")
-    size = _single_label(d, "size")  # a model size ("paper"/"small") is part of the model
     Ps = sorted(int(p) for p in d["P"].unique())
-    summary: dict[str, Any] = {"arch": arch, "dataset": dataset, "size": size,
-                               "n_rows": int(len(df)),
-                               "n_rows_used": int(len(d)), "P_values": Ps,
-                               "seeds": sorted(int(s) for s in d["seed"].unique()),
-                               "warnings": log, "errors": errors}
+    _check_choices(p_min, gamma1_window, optimum, Ps)
+    s: dict[str, Any] = {"arch": _single_label(d, "arch"), "dataset": _single_label(d, "dataset"),
+                         "size": _single_label(d, "size"), "n_rows": int(len(df)),
+                         "n_rows_used": int(len(d)), "P_values": Ps,
+                         "seeds": sorted(int(x) for x in d["seed"].unique()), "warnings": log,
+                         "choices": {"p_min": p_min, "gamma1_window": gamma1_window,
+                                     "optimum": optimum, "alpha_q": alpha},
+                         "mode": "authors" if (gamma1_window is not None and optimum == "argmin"
+                                               and p_min is not None) else
+                                 ("automatic" if (gamma1_window is None and optimum == "vertex"
+                                                  and p_min is None) else "mixed")}
     curves = mean_curves(d)
-    opt = optima(d, refine=refine_optimum, log=log)
-    opt_P = optima_by_P(opt)
-    summary["optimum_method"] = "parabola vertex in log-log around the arg-min" if refine_optimum \
-        else "arg-min"
-    summary["optima"] = _records(opt_P)
+    opt_P = optimum_per_P(curves, optimum, optima(d, method=optimum))
     if p_min is None:
-        if len(Ps) >= 2:
-            ch = choose_p_min(curves, opt_P, tol=collapse_tol)
-            p_min_used, summary["p_min_mode"] = ch["p_min"], "auto"
-            summary["p_min_deviations"] = ch["deviations"]
-        else:
-            p_min_used, summary["p_min_mode"] = Ps[0], "auto"
+        okP = [int(P) for P in opt_P.loc[opt_P["bracketed"], "P"]]
+        okP = okP if len(okP) >= 2 else Ps
+        ch = (choose_p_min({P: curves[P] for P in okP}, opt_P, tol=collapse_tol)
+              if len(okP) >= 2 else {"p_min": Ps[0], "deviations": {}})
+        p_min_used, s["p_min_mode"], s["p_min_deviations"] = ch["p_min"], "auto", ch["deviations"]
     else:
-        if p_min > Ps[-1]:
-            raise ValueError(f"p_min={p_min} exceeds the largest P in the data; P values: {Ps}")
-        p_min_used, summary["p_min_mode"] = int(p_min), "user"
+        p_min_used, s["p_min_mode"] = int(p_min), "user"
     P_used = [P for P in Ps if P >= p_min_used]
-    summary["p_min"] = int(p_min_used)
-    summary["collapse_tol"] = collapse_tol
-    summary["P_used"] = P_used
+    s.update(p_min=int(p_min_used), collapse_tol=collapse_tol, P_used=P_used)
     if len(Ps) < 2:
-        _note(log, f"only one value of P ({Ps}): gamma2, gamma_meas and the collapse need >= 2")
-
-    resc = rescaled_curves(curves, opt_P, P_used)
-    summary["collapse"] = collapse_quality(resc)
-    summary["collapse_all_P"] = collapse_quality(rescaled_curves(curves, opt_P, Ps))
-
-    g1 = g2 = gm = None
-    try:
-        g1 = fit_gamma1(curves, opt_P, P_used, log=log, **elbow_kw)
-        summary["gamma1"] = g1
-        summary["elbow"] = [{"P": p["P"], "lambda_start": p["lambda_start"],
-                             "lambda_elbow": p["lambda_elbow"]} for p in g1["per_P"]]
-        summary["eq3"] = fit_eq3(curves, g1, log=log)
-    except ValueError as e:
-        errors["gamma1"] = str(e)
-        _note(log, f"gamma1: {e}")
-    try:
-        g2 = fit_gamma2(opt, P_used, log=log)
-        summary["gamma2"] = g2
-    except ValueError as e:
-        errors["gamma2"] = str(e)
-        _note(log, f"gamma2: {e}")
-    try:
-        gm = fit_gamma_eps(opt, P_used, "eps_end")
-        summary["gamma_meas"] = gm
-        summary["gamma_opt"] = fit_gamma_eps(opt, P_used, "eps_opt")
-    except ValueError as e:
-        errors["gamma_meas"] = str(e)
-        _note(log, f"gamma_meas: {e}")
-
-    if g1 is not None and g2 is not None:
-        a, sa, b, sb = g1["value"], g1["sigma"], g2["gamma2"], g2["sigma_gamma2"]
-        gp = a * b
-        sp = abs(gp) * math.sqrt((sa / a) ** 2 + (sb / b) ** 2)  # Appendix D
-        # The same propagation with sigma1 including the fit-window systematic.
-        a_tot = g1.get("sigma_total", sa)
-        sp_tot = abs(gp) * math.sqrt((a_tot / a) ** 2 + (sb / b) ** 2)
-        summary["gamma_pred"] = {"value": gp, "sigma": sp, "sigma_total": sp_tot,
-                                 "formula": "gamma1 * gamma2; sigma as Appendix D"}
-        if gm is not None:
-            sig = math.sqrt(sp ** 2 + gm["sigma"] ** 2)  # Appendix D comparison sigma
-            sig_tot = math.sqrt(sp_tot ** 2 + gm["sigma"] ** 2)
-            summary["comparison"] = {"gamma_pred": gp, "gamma_meas": gm["gamma"], "sigma": sig,
-                                     "z": (gp - gm["gamma"]) / sig if sig > 0 else None,
-                                     "sigma_total": sig_tot}
-    if g1 is not None and g2 is not None and "eq3" in summary:
-        e3 = summary["eq3"]
-        th = thresholds(e3["k1"], e3["gamma1"], e3["q1"], g2["k2"], g2["gamma2"], g2["q2"])
-        th.update(_threshold_log_sigmas(e3, g2))
-        th["note"] = ("P_- needs q2 > 0 and P_+ needs q1 > 0; None means the q term was "
-                      "compatible with zero (Sec. 4), i.e. the data sit in the power-law regime")
-        summary["thresholds"] = th
-
-    if n_boot and g1 is not None and g2 is not None and gm is not None:
-        summary["bootstrap"] = bootstrap(d, P_used, n_boot=n_boot, seed=boot_seed,
-                                         refine=refine_optimum, elbow_kw=elbow_kw)
-    summary["table1"] = table1_row(summary)
-    summary["table2"] = table2_row(summary)
-    return _jsonable(summary)
-
-
-def _threshold_log_sigmas(e3: dict, g2: dict) -> dict:
-    """First-order errors of ln P_- and ln P_+ from the (independent) fit errors of Eqs. 3-4."""
-    k1, sk1, a, sa, q1, sq1 = (e3[k] for k in ("k1", "sigma_k1", "gamma1", "sigma_gamma1", "q1",
-                                               "sigma_q1"))
-    k2, sk2, b, sb, q2, sq2 = (g2[k] for k in ("k2", "sigma_k2", "gamma2", "sigma_gamma2", "q2",
-                                               "sigma_q2"))
-    out = {"sigma_ln_P_minus": None, "sigma_ln_P_plus": None}
-    if q2 and q2 > 0:
-        L = math.log(q2 / k2)
-        out["sigma_ln_P_minus"] = _f(math.sqrt(((sq2 / q2) ** 2 + (sk2 / k2) ** 2) / b ** 2
-                                               + (L * sb / b ** 2) ** 2))
-    if q1 and q1 > 0:
-        L = math.log(k1) - a * math.log(k2) - math.log(q1)
-        sL2 = (sk1 / k1) ** 2 + (a * sk2 / k2) ** 2 + (math.log(k2) * sa) ** 2 + (sq1 / q1) ** 2
-        out["sigma_ln_P_plus"] = _f(math.sqrt(sL2 / (a * b) ** 2
-                                              + (L / (a * b)) ** 2 * ((sa / a) ** 2 + (sb / b) ** 2)))
-    return out
+        _note(log, f"only one value of P ({Ps}): gamma2, gamma_meas and the collapse need >= {MIN_P_FIT}")
+    nb = [int(p) for p in opt_P.loc[~opt_P["bracketed"], "P"]]
+    if nb:
+        _note(log, f"minimum not bracketed at P = {nb}: the seed-mean test error does not rise "
+                   "significantly after its lowest point (training ended while it was falling or "
+                   "flat); lambda_opt there is only bounded below and is "
+                   + ("used anyway (optimum='argmin', the authors' choice)" if optimum == "argmin"
+                      else "left out of gamma2 and gamma_opt"))
+    core = _core(d, P_used, gamma1_window=gamma1_window, optimum=optimum, alpha=alpha,
+                 elbow_kw=elbow_kw, log=log)
+    s["optima"] = _records(core["opt_P"])
+    s["seed_optima"] = _records(core["seed_opt"])
+    ok = [P for P in Ps if bool(opt_P.set_index("P").loc[P, "bracketed"])] or Ps
+    s["collapse"] = collapse_quality(rescaled_curves(curves, opt_P, [P for P in P_used if P in ok]))
+    s["collapse_all_P"] = collapse_quality(rescaled_curves(curves, opt_P, Ps))
+    for name in ("gamma1", "gamma1_appendix_d", "gamma2", "gamma2_bracketed",
+                 "gamma2_end_convention", "gamma2_argmin", "gamma2_seed_argmins", "gamma_opt",
+                 "gamma_opt_bracketed", "gamma_end", "gamma_meas", "gamma_pred"):
+        s[name] = core[name].to_dict()
+    g1, g2, gm, gp = core["gamma1"], core["gamma2"], core["gamma_meas"], core["gamma_pred"]
+    if g1.determined and g1.detail and "per_P" in g1.detail:
+        s["elbow"] = [{k: p.get(k) for k in ("P", "lambda_start", "lambda_elbow")}
+                      for p in g1.detail["per_P"] if "lambda_elbow" in p]
+    if gp.determined and gm.determined:
+        sig = math.hypot(gp.sigma, gm.sigma)  # Appendix D comparison sigma
+        s["comparison"] = {"gamma_pred": gp.value, "gamma_meas": gm.value, "sigma": sig,
+                           "z": (gp.value - gm.value) / sig if sig > 0 else None,
+                           "gamma_meas_on": gm.detail.get("quantity")}
+    if g1.determined and g2.determined and g1.detail and "k1" in g1.detail:
+        th = thresholds(g1.detail["k1"], g1.value, g1.detail["q1"], g2.k, g2.value, g2.q)
+        th["note"] = ("P_- needs q2 > 0 and P_+ needs q1 > 0; None means the q term was not "
+                      "kept by the F test (Sec. 4: compatible with zero)")
+        s["thresholds"] = th
+    if n_boot:
+        s["bootstrap"] = bootstrap(d, P_used, n_boot=n_boot, seed=boot_seed,
+                                   gamma1_window=gamma1_window, optimum=optimum, alpha=alpha,
+                                   elbow_kw=elbow_kw)
+    s["table1"] = table1_row(s)
+    s["table2"] = table2_row(s)
+    return _jsonable(s)
 
 
 def bootstrap(df: pd.DataFrame, P_used: Sequence[int], *, n_boot: int = 100, seed: int = 0,
-              refine: bool = True, elbow_kw: dict | None = None) -> dict:
-    """Bootstrap over seeds of gamma1, gamma2, gamma_meas and gamma_pred.
+              **core_kw) -> dict:
+    """Bootstrap over seeds of gamma1, gamma2, gamma_opt and gamma_pred (a cross-check).
 
-    Each resample draws the seed labels with replacement (the same draw for every P, which keeps
-    any correlation between a seed's runs at different P) and reruns the fits at fixed P_min.
+    Each resample draws the seed labels with replacement (the same draw for every P) and reruns
+    the fits at fixed P set. With few seeds it underestimates the spread (by (n-1)/n in variance).
 
     Returns:
       dict n (successful resamples), n_seeds, and per quantity {mean, std, p16, p84}.
@@ -1048,30 +1970,124 @@ def bootstrap(df: pd.DataFrame, P_used: Sequence[int], *, n_boot: int = 100, see
     if seeds.size < 2:
         return {"n": 0, "n_seeds": int(seeds.size), "note": "bootstrap needs >= 2 seeds"}
     gen = np.random.default_rng(seed)
-    by_seed = {s: g for s, g in df.groupby("seed")}
-    vals = {"gamma1": [], "gamma2": [], "gamma_meas": [], "gamma_pred": []}
+    by_seed = {x: g for x, g in df.groupby("seed")}
+    names = ("gamma1", "gamma2", "gamma_opt", "gamma_pred")
+    vals: dict = {k: [] for k in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(n_boot):
             draw = gen.choice(seeds, size=seeds.size, replace=True)
-            parts = [by_seed[s].assign(seed=k) for k, s in enumerate(draw)]
+            parts = [by_seed[x].assign(seed=k) for k, x in enumerate(draw)]
             try:
-                r = _core(pd.concat(parts, ignore_index=True), P_used, refine, None, elbow_kw or {})
+                r = _core(pd.concat(parts, ignore_index=True), P_used, **core_kw)
             except (ValueError, np.linalg.LinAlgError):
                 continue
-            vals["gamma1"].append(r["gamma1"]["value"])
-            vals["gamma2"].append(r["gamma2"]["gamma2"])
-            vals["gamma_meas"].append(r["gamma_meas"]["gamma"])
-            vals["gamma_pred"].append(r["gamma_pred"]["value"])
-    out = {"n": len(vals["gamma1"]), "n_seeds": int(seeds.size), "seed": seed}
+            for k in names:
+                if r[k].determined:
+                    vals[k].append(r[k].value)
+    out: dict = {"n": n_boot, "n_seeds": int(seeds.size), "seed": seed}
     for k, v in vals.items():
         v = np.asarray(v)
         out[k] = ({"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
-                   "p16": float(np.percentile(v, 16)), "p84": float(np.percentile(v, 84))}
-                  if v.size else None)
-    if out["gamma_pred"] and out["gamma_meas"] and out["gamma_pred"]["std"] is not None:
-        out["comparison_sigma"] = math.hypot(out["gamma_pred"]["std"], out["gamma_meas"]["std"])
+                   "p16": float(np.percentile(v, 16)), "p84": float(np.percentile(v, 84)),
+                   "n": int(v.size)} if v.size else None)
     return out
+
+
+class Prediction(NamedTuple):
+    """eps_opt and lambda_opt at one P from the fitted Eqs. 4 and 6 (:func:`predict`).
+
+    sigma_ln_*: error of the law at P (fit parameters only); sigma_ln_*_obs: the error of a new
+    measurement at P (adds the scatter of one point about the law, resid_sd), the band a
+    held-out measurement should fall in. Both are Gaussian-equivalent: the Student-t quantile of
+    the fit's degrees of freedom is folded in, so +-2 sigma is a 95 % interval.
+    """
+
+    P: float
+    lambda_opt: float
+    sigma_ln_lambda_opt: float
+    sigma_ln_lambda_opt_obs: float
+    eps_opt: float
+    sigma_ln_eps_opt: float
+    sigma_ln_eps_opt_obs: float
+
+
+def _predict_law(e: dict, P: float, sign: int) -> tuple[float, float, float]:
+    if not e or not e.get("determined", True) or e.get("value") is None:
+        raise ValueError(f"law not determined: {e.get('reason') if e else 'missing'}")
+    k, a, q = e["k"], sign * e["value"], e.get("q") or 0.0
+    cov = np.asarray(e["cov"], float)
+    lp = math.log(P)
+    pw = k * P ** a
+    y = pw + q
+    if y <= 0:
+        raise ValueError(f"the fitted law is not positive at P={P}")
+    g = np.array([pw / y, pw * lp / y] + ([1.0 / y] if cov.shape[0] == 3 else []))
+    var = float(g @ cov @ g)
+    r = e.get("resid_sd") or 0.0
+    # Both variances come from the fit's own residuals (n - n_par degrees of freedom), so a new
+    # point's deviation is Student-t distributed: the sigmas are scaled to Gaussian-equivalent
+    # ones (t_0.975(dof) / 1.96; x2.2 at 2 dof, x1.4 at 4), so that 2 sigma is a 95 % band.
+    dof = max(int(e.get("n") or 0) - cov.shape[0], 1)
+    t = float(stats.t.ppf(0.975, dof) / stats.norm.ppf(0.975))
+    return y, t * math.sqrt(max(var, 0.0)), t * math.sqrt(max(var, 0.0) + r * r)
+
+
+def predict(summary: dict, P: float) -> Prediction:
+    """lambda_opt(P) (Eq. 4: k2 P^gamma2 + q2) and eps_opt(P) (Eq. 6's form: k P^-gamma + q,
+    the fitted gamma_opt law) at any P, with delta-method errors in ln units.
+
+    Args:
+      summary: one group's summary from :func:`analyze` (uses its "gamma2" and "gamma_opt").
+      P: dataset size (> 0).
+
+    Raises:
+      ValueError: P not positive, or a law not determined (the reason is given).
+    """
+    if not (isinstance(P, (int, float, np.integer, np.floating)) and P > 0):
+        raise ValueError(f"P must be a positive number, got {P!r}")
+    lo, slo, slo_obs = _predict_law(summary.get("gamma2"), float(P), +1)
+    eo, seo, seo_obs = _predict_law(summary.get("gamma_opt"), float(P), -1)
+    return Prediction(float(P), lo, slo, slo_obs, eo, seo, seo_obs)
+
+
+def holdout(df: pd.DataFrame, n_out: int = 2, **analyze_kw) -> dict:
+    """Fits on all but the ``n_out`` largest P and predicts their optima (the scaling law's use).
+
+    The held-out optima are measured on the full data the same way (:func:`optimum_per_P`);
+    z = (ln measured - ln predicted) / sigma_ln_obs.
+
+    Returns:
+      dict P_fit, per_P: [{P, lambda_opt, lambda_pred, z_lambda, eps_opt, eps_pred, z_eps,
+      bracketed}], or {"error": reason} when the fit on the smaller P cannot predict.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        d = clean(df)
+        Ps = sorted(int(p) for p in d["P"].unique())
+        if len(Ps) < MIN_P_FIT + n_out:
+            return {"error": f"{len(Ps)} values of P; holding out {n_out} leaves fewer than {MIN_P_FIT}"}
+        keep = Ps[:-n_out]
+        s = analyze(d[d["P"].isin(keep)], **analyze_kw)
+        curves = mean_curves(d)
+        full = optimum_per_P(curves, analyze_kw.get("optimum", "vertex"))
+        if analyze_kw.get("optimum", "vertex") == "vertex":  # measured as the fit measures them
+            full = _joint(curves, full, [P for P in Ps if P >= s["p_min"]])
+        full = full.set_index("P")
+    out = {"P_fit": keep, "per_P": []}
+    for P in Ps[-n_out:]:
+        try:
+            pr = predict(s, P)
+        except ValueError as e:
+            return {"P_fit": keep, "error": str(e)}
+        m = full.loc[P]
+        out["per_P"].append({
+            "P": P, "bracketed": bool(m["bracketed"]),
+            "lambda_opt": float(m["lambda_opt"]), "lambda_pred": pr.lambda_opt,
+            "z_lambda": (math.log(m["lambda_opt"]) - math.log(pr.lambda_opt)) / pr.sigma_ln_lambda_opt_obs,
+            "eps_opt": float(m["eps_opt"]), "eps_pred": pr.eps_opt,
+            "z_eps": (math.log(m["eps_opt"]) - math.log(pr.eps_opt)) / pr.sigma_ln_eps_opt_obs})
+    return _jsonable(out)
 
 
 def analyze_all(df: pd.DataFrame, **kw) -> dict:
@@ -1113,38 +2129,46 @@ def _model_name(s: dict) -> str:
 
 
 def table1_row(s: dict) -> dict:
-    """Table 1 row: Model, Dataset, gamma_pred, gamma_meas, sigma (Appendix D)."""
-    gp, gm = s.get("gamma_pred") or {}, s.get("gamma_meas") or {}
-    return {"Model": _model_name(s),
-            "Dataset": _NAMES.get(s.get("dataset"), s.get("dataset")),
-            "gamma_pred": gp.get("value"), "gamma_meas": gm.get("gamma"),
+    """Table 1 row: Model, Dataset, gamma_pred, gamma_meas, sigma (Appendix D), gamma_meas_on
+    (eps_opt: Eq. 6's quantity, or eps_end when the optima are not determined), gamma_end and
+    the reasons for what is not determined."""
+    gp, gm, ge = (_exp_dict(s.get(k)) for k in ("gamma_pred", "gamma_meas", "gamma_end"))
+    notes = "; ".join(f"{k}: {e.get('reason')}" for k, e in (("gamma_pred", gp), ("gamma_meas", gm))
+                      if e and not e.get("determined", True))
+    return {"Model": _model_name(s), "Dataset": _NAMES.get(s.get("dataset"), s.get("dataset")),
+            "gamma_pred": gp.get("value"), "gamma_meas": gm.get("value"),
             "sigma": (s.get("comparison") or {}).get("sigma"),
             "sigma_pred": gp.get("sigma"), "sigma_meas": gm.get("sigma"),
-            "sigma_total": (s.get("comparison") or {}).get("sigma_total"),
-            "sigma_boot": ((s.get("bootstrap") or {}).get("comparison_sigma"))}
+            "gamma_meas_on": (gm.get("detail") or {}).get("quantity"),
+            "gamma_end": ge.get("value"), "sigma_end": ge.get("sigma"), "notes": notes or None}
 
 
 def table2_row(s: dict) -> dict:
-    """Table 2 row: Model, Dataset, gamma1, sigma1, gamma2, sigma2."""
-    g1, g2 = s.get("gamma1") or {}, s.get("gamma2") or {}
-    return {"Model": _model_name(s),
-            "Dataset": _NAMES.get(s.get("dataset"), s.get("dataset")),
+    """Table 2 row: Model, Dataset, gamma1, sigma1, gamma2, sigma2, then Appendix D's numbers
+    beside them (gamma1_appD: mean of per-P slopes; gamma2_argmin: grid arg-min definition)."""
+    g1, g2, ad, ga = (_exp_dict(s.get(k)) for k in ("gamma1", "gamma2", "gamma1_appendix_d",
+                                                     "gamma2_argmin"))
+    notes = "; ".join(f"{k}: {e.get('reason')}" for k, e in (("gamma1", g1), ("gamma2", g2))
+                      if e and not e.get("determined", True))
+    return {"Model": _model_name(s), "Dataset": _NAMES.get(s.get("dataset"), s.get("dataset")),
             "gamma1": g1.get("value"), "sigma1": g1.get("sigma"),
-            "gamma2": g2.get("gamma2"), "sigma2": g2.get("sigma_gamma2"),
-            "sigma1_total": g1.get("sigma_total"),
-            "sigma1_boot": ((s.get("bootstrap") or {}).get("gamma1") or {}).get("std"),
-            "sigma2_boot": ((s.get("bootstrap") or {}).get("gamma2") or {}).get("std")}
+            "gamma2": g2.get("value"), "sigma2": g2.get("sigma"),
+            "gamma1_appD": ad.get("value"), "sigma1_appD": ad.get("sigma"),
+            "gamma2_argmin": ga.get("value"), "sigma2_argmin": ga.get("sigma"),
+            "p_min": s.get("p_min"), "notes": notes or None}
+
+
+_T1 = ["Model", "Dataset", "gamma_pred", "gamma_meas", "sigma", "sigma_pred", "sigma_meas",
+       "gamma_meas_on", "gamma_end", "sigma_end", "notes"]
+_T2 = ["Model", "Dataset", "gamma1", "sigma1", "gamma2", "sigma2", "gamma1_appD", "sigma1_appD",
+       "gamma2_argmin", "sigma2_argmin", "p_min", "notes"]
 
 
 def tables(summaries: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 1 and Table 2 DataFrames from {name: summary} (groups that failed are skipped)."""
     ok = [s for s in summaries.values() if "table1" in s]
-    cols1 = ["Model", "Dataset", "gamma_pred", "gamma_meas", "sigma", "sigma_pred", "sigma_meas",
-             "sigma_total", "sigma_boot"]
-    cols2 = ["Model", "Dataset", "gamma1", "sigma1", "gamma2", "sigma2", "sigma1_total",
-             "sigma1_boot", "sigma2_boot"]
-    return (pd.DataFrame([s["table1"] for s in ok], columns=cols1),
-            pd.DataFrame([s["table2"] for s in ok], columns=cols2))
+    return (pd.DataFrame([s["table1"] for s in ok], columns=_T1),
+            pd.DataFrame([s["table2"] for s in ok], columns=_T2))
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:

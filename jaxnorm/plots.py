@@ -12,6 +12,7 @@ Figures: :func:`plot_curves` (quick look), :func:`fig3_curves`, :func:`fig4_coll
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from typing import Sequence
 
@@ -76,11 +77,19 @@ def _curves(df):
 
 
 def _opt_table(summary: dict | None, d: pd.DataFrame) -> pd.DataFrame:
+    """Per-P optima (columns P, lambda_opt, eps_opt, bracketed, eps_end, ...): the summary's, or
+    computed as analysis.analyze would."""
     if summary and summary.get("optima"):
         return pd.DataFrame(summary["optima"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", analysis.AnalysisWarning)
-        return analysis.optima_by_P(analysis.optima(d))
+        return analysis.optimum_per_P(analysis.mean_curves(d), "vertex", analysis.optima(d))
+
+
+def _exp(summary: dict | None, name: str) -> dict | None:
+    """A determined exponent of the summary in its one serialized form, else None."""
+    e = (summary or {}).get(name)
+    return e if e and e.get("determined", True) and e.get("value") is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +132,19 @@ def fig3_curves(df: pd.DataFrame, path: str, summary: dict | None = None) -> lis
     for P, c in curves.items():
         ax.plot(c["lam"], c["eps"], color=cols[P], lw=1.6)
     opt = _opt_table(summary, d)
-    ax.scatter(opt["lambda_opt_mean"], opt["eps_opt_mean"], marker="*", s=70,
-               c=[cols[int(P)] for P in opt["P"]], edgecolors="k", linewidths=0.5, zorder=5,
-               label=r"$(\lambda_{opt}, \epsilon_{opt})$")
-    if summary and summary.get("eq3"):
-        e3 = summary["eq3"]
-        lam = np.geomspace(d["spectral_complexity"].min(), opt["lambda_opt_mean"].max(), 100)
-        ax.plot(lam, e3["k1"] * lam ** (-e3["gamma1"]) + e3["q1"], "k--", lw=1.0,
-                label=rf"Eq. 3: $\gamma_1$={e3['gamma1']:.3g}")
+    br = opt["bracketed"].astype(bool)
+    ax.scatter(opt.loc[br, "lambda_opt"], opt.loc[br, "eps_opt"], marker="*", s=70,
+               c=[cols[int(P)] for P in opt.loc[br, "P"]], edgecolors="k", linewidths=0.5,
+               zorder=5, label=r"$(\lambda_{opt}, \epsilon_{opt})$")
+    if (~br).any():
+        ax.scatter(opt.loc[~br, "lambda_opt"], opt.loc[~br, "eps_opt"], marker=">", s=40,
+                   facecolors="none", edgecolors="k", linewidths=0.7, zorder=5,
+                   label="minimum not bracketed")
+    g1 = _exp(summary, "gamma1")
+    if g1 and g1.get("k") is not None:
+        lam = np.geomspace(d["spectral_complexity"].min(), opt["lambda_opt"].max(), 100)
+        ax.plot(lam, g1["k"] * lam ** (-g1["value"]) + (g1.get("q") or 0.0), "k--", lw=1.0,
+                label=rf"Eq. 3: $\gamma_1$={g1['value']:.3g}")
     ax.set(xscale="log", yscale="log", xlabel=r"spectral complexity $\lambda(t)$",
            ylabel=r"test error $\epsilon$", title=_title(d))
     ax.legend(fontsize=7, frameon=False, loc="lower left")
@@ -268,28 +282,45 @@ def fig8_fits(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.9))
     for P, (x, y) in resc.items():
         a.plot(x, y, color=cols[P], lw=1.2, alpha=0.8)
-    g1 = summary.get("gamma1") or {}
-    for p in g1.get("per_P", []):
-        lo, hi = p["x_range"]
-        xx = np.geomspace(lo, hi, 20)
-        a.plot(xx, 1.6 * p["k"] * xx ** (-p["gamma1"]), "--", color=cols[p["P"]], lw=1.2)
+    g1 = _exp(summary, "gamma1")
+    optd = opt.set_index("P")
+    for p in ((g1 or {}).get("detail") or {}).get("per_P", []):
+        lo_opt, eo = optd.loc[p["P"], "lambda_opt"], optd.loc[p["P"], "eps_opt"]
+        if "lambda_elbow" in p:  # automatic: window in raw lambda
+            lam = np.geomspace(p["lambda_start"], p["lambda_elbow"], 20)
+            a.plot(lam / lo_opt, 1.6 * p["k"] * lam ** (-p["gamma1"]) / eo, "--",
+                   color=cols[p["P"]], lw=1.2)
+        else:  # authors' window on the collapse
+            xx = np.geomspace(*p["x_range"], 20)
+            a.plot(xx, 1.6 * p["k"] * xx ** (-p["gamma1"]), "--", color=cols[p["P"]], lw=1.2)
     if g1:
         a.text(0.03, 0.04, rf"$\gamma_1$ = {g1['value']:.3f} $\pm$ {g1['sigma']:.3f}"
-               "\n(dashed: fits, shifted up x1.6)", transform=a.transAxes, fontsize=8)
+               "\n(dashed: fit windows, shifted up x1.6)", transform=a.transAxes, fontsize=8)
     a.set(xscale="log", yscale="log", xlabel=r"$\lambda/\lambda_{opt}$",
           ylabel=r"$\epsilon/\epsilon_{opt}$", title="early power law on the collapse")
-    o = opt[opt["P"].isin(P_used)]
-    b.errorbar(o["P"], o["lambda_opt_mean"], yerr=o["lambda_opt_std"].fillna(0), fmt="o",
-               color="C0", ms=4, capsize=2, label=r"$\lambda_{opt}$ (mean $\pm$ sd over seeds)")
-    oo = opt[~opt["P"].isin(P_used)]
+    br = opt["bracketed"].astype(bool)
+    o = opt[opt["P"].isin(P_used) & br]
+    sig = o["sigma_ln_lambda_opt"].fillna(0).to_numpy(float)
+    b.errorbar(o["P"], o["lambda_opt"], yerr=[o["lambda_opt"] * (1 - np.exp(-sig)),
+                                              o["lambda_opt"] * (np.exp(sig) - 1)],
+               fmt="o", color="C0", ms=4, capsize=2, label=r"$\lambda_{opt}$ (seed-mean curve)")
+    oo = opt[~opt["P"].isin(P_used) & br]
     if len(oo):
-        b.plot(oo["P"], oo["lambda_opt_mean"], "o", color="0.7", ms=4, label=r"$P < P_{min}$")
-    g2 = summary.get("gamma2")
+        b.plot(oo["P"], oo["lambda_opt"], "o", color="0.7", ms=4, label=r"$P < P_{min}$")
+    nb = opt[~br]
+    if len(nb):
+        b.plot(nb["P"], nb["lambda_bound"] if "lambda_bound" in nb else nb["lambda_opt"], "^",
+               mfc="none", color="k", ms=5, label="not bracketed: lower bound (censored)")
+    g2 = _exp(summary, "gamma2")
     if g2:
         PP = np.geomspace(opt["P"].min(), opt["P"].max(), 100)
-        b.plot(PP, g2["k2"] * PP ** g2["gamma2"] + g2["q2"], "k--", lw=1.0,
-               label=rf"$\gamma_2$ = {g2['gamma2']:.3f} $\pm$ {g2['sigma_gamma2']:.3f}"
-                     + (rf", $q_2$={g2['q2']:.3g}" if g2.get("q2_kept") else ""))
+        b.plot(PP, g2["k"] * PP ** g2["value"] + (g2.get("q") or 0.0), "k--", lw=1.0,
+               label=rf"$\gamma_2$ = {g2['value']:.3f} $\pm$ {g2['sigma']:.3f}"
+                     + (rf", $q_2$={g2['q']:.3g}" if g2.get("q_kept") else "")
+                     + (" (censored fit)" if "Tobit" in (g2.get("method") or "") else ""))
+    elif (summary.get("gamma2") or {}).get("reason"):
+        b.text(0.03, 0.04, "gamma2 not determined:\n" + textwrap.fill(summary["gamma2"]["reason"], 60),
+               transform=b.transAxes, fontsize=6)
     b.set(xscale="log", yscale="log", xlabel="P", ylabel=r"$\lambda_{opt}$",
           title=r"Eq. 4: $\lambda_{opt} = k_2 P^{\gamma_2} + q_2$")
     b.legend(fontsize=7, frameon=False)
@@ -298,7 +329,7 @@ def fig8_fits(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
 
 
 def fig9_pred_vs_meas(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
-    """Fig. 9: measured eps(P) at the end of training with its fit, and the predicted power law.
+    """Fig. 9: measured eps(P) (end of training and at the optimum) with fits, and the predicted law.
 
     The predicted law has exponent gamma_pred = gamma1 gamma2; its coefficient is chosen to
     match the data at the geometric mean of P (only the exponent is predicted, as in the paper).
@@ -306,18 +337,22 @@ def fig9_pred_vs_meas(df: pd.DataFrame, summary: dict, path: str) -> list[str]:
     d, curves = _curves(df)
     opt = _opt_table(summary, d)
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
-    ax.errorbar(opt["P"], opt["eps_end_mean"], yerr=opt["eps_end_std"].fillna(0), fmt="o",
-                color="k", ms=4, capsize=2, label=r"$\epsilon$ at end of training")
+    ax.plot(opt["P"], opt["eps_end"], "o", color="k", ms=4, label=r"$\epsilon$ at end of training")
+    br = opt["bracketed"].astype(bool)
+    ax.plot(opt.loc[br, "P"], opt.loc[br, "eps_opt"], "s", mfc="none", color="C3", ms=5,
+            label=r"$\epsilon_{opt}$ (bracketed minima)")
     P_used = summary.get("P_used", list(opt["P"]))
     PP = np.geomspace(min(P_used), max(P_used), 100)
-    gm, gp = summary.get("gamma_meas"), summary.get("gamma_pred")
-    if gm:
-        ax.plot(PP, gm["k"] * PP ** (-gm["gamma"]) + gm["q"], "C0-", lw=1.4,
-                label=rf"fit: $\gamma_{{meas}}$ = {gm['gamma']:.3f} $\pm$ {gm['sigma']:.3f}")
+    gp = _exp(summary, "gamma_pred")
+    for name, style, lab in (("gamma_end", "C0-", r"\gamma_{end}"), ("gamma_opt", "C3-", r"\gamma_{opt}")):
+        g = _exp(summary, name)
+        if g:
+            ax.plot(PP, g["k"] * PP ** (-g["value"]) + (g.get("q") or 0.0), style, lw=1.2,
+                    label=rf"fit: ${lab}$ = {g['value']:.3f} $\pm$ {g['sigma']:.3f}")
     if gp:
         u = opt[opt["P"].isin(P_used)]
         Pm = float(np.exp(np.mean(np.log(u["P"]))))
-        em = float(np.exp(np.mean(np.log(u["eps_end_mean"]))))
+        em = float(np.exp(np.mean(np.log(u["eps_end"]))))
         ax.plot(PP, em * (PP / Pm) ** (-gp["value"]), "C1--", lw=1.4,
                 label=rf"predicted: $\gamma_{{pred}}$ = {gp['value']:.3f} $\pm$ {gp['sigma']:.3f}")
     ax.set(xscale="log", yscale="log", xlabel="P", ylabel=r"test error $\epsilon$",

@@ -178,13 +178,14 @@ def test_analyze_table_that_does_not_parse_names_file_and_line(run_dir, capsys):
     lines[4] = lines[4].rstrip("\n") + ",1,2,3\n"  # line 5 of the file: three fields too many
     (run_dir / "results.csv").write_text("".join(lines))
     err = one_error(capsys, analyze.main([str(run_dir), "--n-boot", "0", "--no-figures"]))
-    assert f"{run_dir / 'results.csv'}: not a readable results table" in err and "line 5" in err
+    assert f"{run_dir / 'results.csv'}, line 5:" in err and "does not parse" in err
 
 
 def test_analyze_fails_when_every_group_failed(run_dir, capsys):
     code = analyze.main([str(run_dir), "--p-min", "100000", "--n-boot", "0", "--no-figures"])
     err = capsys.readouterr().err
-    assert code == 1 and "analysis failed" in err and "error: no group" in err
+    assert code == 2 and err.startswith("error:") and "p_min" in err
+    assert not (run_dir / "analysis" / "summary.json").exists()  # nothing half-written
     assert analyze.main([str(run_dir), "--n-boot", "0", "--no-figures"]) == 0  # the same table is fine
 
 
