@@ -60,7 +60,7 @@ def parts_all_definitions(kernel, layer, **kw):
     @jax.jit
     def f(variables):
         return {d: norms.spectral_complexity(variables, layout, definition=d, **kw, **TIGHT)[1][layer.name]
-                for d in norms.DEFINITIONS}
+                for d in norms.OPERATOR_DEFINITIONS}
 
     return jax.tree.map(float, f(variables))
 
@@ -86,7 +86,7 @@ def test_conv_norms_match_unrolled_operator(x64, k, s, padding, cin, cout):
     layer = LinearLayer("c", "conv", ("params", "k"), shape, strides=(s, s), padding=padding)
     got = parts_all_definitions(kernel, layer)
     ref = l21_reference(a)
-    for d in norms.DEFINITIONS:
+    for d in norms.OPERATOR_DEFINITIONS:
         assert rel(got[d]["spec"], sigma_max(a)) < 1e-4
         assert rel(got[d]["l21"], ref[d]) < 1e-10, d
     # The public one-call function too.
@@ -120,7 +120,7 @@ def test_dense_operator_on_whole_token_sequence(x64, shape, kernel_shape, kin):
     ref = l21_reference(a)
     layout = (LinearLayer("d", "dense", ("params", "k"), shape, kernel_in_ndim=kin),)
     f = jax.jit(lambda v: {(m, d): norms.spectral_complexity(v, layout, definition=d, dense_method=m, **TIGHT)[1]["d"]
-                           for m in norms.DENSE_METHODS for d in norms.DEFINITIONS})
+                           for m in norms.DENSE_METHODS for d in norms.OPERATOR_DEFINITIONS})
     for (m, d), got in f({"params": {"k": kernel}}).items():
         assert rel(float(got["spec"]), sigma_max(a)) < 1e-4, m
         assert rel(float(got["l21"]), ref[d]) < 1e-10, (m, d)
@@ -138,7 +138,7 @@ def test_residual_conv_uses_identity_reference(x64, k, padding, c):
     layer = LinearLayer("c", "conv", ("params", "k"), shape, padding=padding, residual=True)
     got = parts_all_definitions(kernel, layer)
     ref = l21_reference(a - np.eye(a.shape[0]))
-    for d in norms.DEFINITIONS:
+    for d in norms.OPERATOR_DEFINITIONS:
         assert rel(got[d]["spec"], sigma_max(a)) < 1e-4  # Eq. 2's spectral factor is ||A||, not ||A - I||
         assert rel(got[d]["l21"], ref[d]) < 1e-10, d
 
@@ -222,7 +222,7 @@ def _hand_total(layout, variables, definition, include_norm):
 def test_toy_layout_total_matches_hand_computation(x64, residual):
     layout, variables = _toy(residual)
     f = jax.jit(lambda v: {(d, n): norms.spectral_complexity(v, layout, definition=d, norm_layers=n, **TIGHT)[0]
-                           for d in norms.DEFINITIONS for n in norms.NORM_LAYERS})
+                           for d in norms.OPERATOR_DEFINITIONS for n in norms.NORM_LAYERS})
     got = f(variables)
     for (d, n), total in got.items():
         assert rel(float(total), _hand_total(layout, variables, d, n == "include")) < 1e-4, (d, n)
