@@ -876,7 +876,9 @@ def path_norm(variables, layout, apply_fn, input_shape) -> jax.Array:
     """
     if any(l.kind == "diag" and l.var_path is None for l in layout):
         return jnp.asarray(jnp.nan, jnp.float32)
-    out = apply_fn(_path_norm_variables(variables, layout), jnp.ones((1,) + tuple(input_shape), jnp.float32))
+    pv = _path_norm_variables(variables, layout)
+    dtype = jnp.result_type(*jax.tree.leaves(pv["params"]))
+    out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
     return jnp.sqrt(jnp.sum(out))
 
 
