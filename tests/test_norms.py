@@ -666,3 +666,29 @@ def test_numpy_variables_work_for_residual_convs():
     b = jax.jit(lambda v: norms.spectral_complexity(v, layout)[0])(jax.tree.map(jnp.asarray, vn))
     assert rel(float(a), float(b)) < 1e-6 and np.isfinite(float(a))
     assert np.isfinite(float(norms.conv_operator_norm(np.ones((3, 3, 1, 1)), (4, 4, 1))))
+
+
+def test_compare_norms_ranks_a_collapsing_norm_first():
+    # Synthetic learning curves: eps = 0.9 lambda^-0.5 until each P saturates (lambda_elbow ~ P), so the curves
+    # collapse exactly against lambda ("good"); against epochs (lambda = e^(r_P t), r_P decreasing in P) and a
+    # P-dependent rescaling of lambda ("bad" = lambda * P) they do not.
+    from jaxnorm import analysis
+
+    rows = []
+    for P in (1000, 2000, 4000, 8000):
+        for seed in (0, 1):
+            for t in range(1, 60):
+                lam = np.exp(0.3 * (1000 / P) ** 0.5 * t)
+                eps = max(0.9 * lam ** -0.5, 30 / P ** 0.5 + 0.001 * t)  # floor: saturation, then overfitting
+                rows.append(dict(P=P, seed=seed, epoch=t, test_error=eps, spectral_complexity=lam,
+                                 **{"zoo/good": 3 * lam, "zoo/bad": lam * P}))
+    import pandas as pd
+
+    out = analysis.compare_norms(pd.DataFrame(rows))
+    assert set(out["column"][:2]) == {"spectral_complexity", "zoo/good"}
+    # Exact collapse up to the elbow region kept by early_cut (measured 0.0010 decades); the others > 0.02.
+    assert out["spread_mean"].iloc[0] < 2e-3 and out["spread_mean"].iloc[1] < 2e-3
+    assert out.set_index("column").loc["zoo/bad", "spread_mean"] > 0.05
+    assert out.set_index("column").loc["epoch", "spread_mean"] > 0.01
+    with pytest.raises(ValueError, match="zoo/nope"):
+        analysis.compare_norms(pd.DataFrame(rows), ["zoo/nope"])
