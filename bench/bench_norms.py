@@ -1,19 +1,24 @@
-"""Cost of logging the spectral complexity (jaxnorm.norms) every epoch, against one training epoch.
+"""Cost of logging the norms (jaxnorm.norms.evaluate: R_A with its certified bounds and the norm zoo) every
+epoch -- the paper's evaluation schedule and the sweep default (eval_every=1) -- against one training epoch.
 
 For each architecture, R replicas are trained together (one ``jax.vmap``-ed Adam step over the replica axis,
 batch 64, lr 1e-3, each replica drawing its own batches from a shared pool of P examples), and we time:
 
   * one training epoch at P (= P / batch steps; with ``--steps N`` only N steps are timed and the epoch is
     extrapolated linearly -- steps have static shapes, so their cost is constant);
-  * one spectral-complexity evaluation of all R replicas (jit + vmap, no host round trip), cold (random
-    start vectors, run to ``--tol``) and warm (started from the state of the previous evaluation, after the
-    timed training steps moved the weights);
-  * the power-iteration counts of both (max over replicas, per conv layer).
+  * one norm evaluation of all R replicas (``norms.evaluate``: R_A, the certified upper bounds, the zoo incl. the
+    distances from initialization and the path norm; jit + vmap, no host round trip), cold (random start
+    vectors, run to ``--tol``) and warm (started from the state of the previous evaluation, after the timed
+    training steps moved the weights);
+  * the power-iteration counts of both (max over replicas, per conv layer) and each conv's certified relative
+    gap spec_upper / spec - 1 (max over replicas) after the warm evaluation.
+
+The last table prints warm/epoch, the fraction of training time spent on norm logging (issue 11: < 10%).
 
 Data are synthetic (Gaussian images, random labels): timings do not depend on the values.
 
 Usage:
-  python bench/bench_norms.py                       # cnn and resnet, R=16, P=4096, 32x32x3, paper size
+  python bench/bench_norms.py                       # cnn, resnet, vit, R=16, P=4096, 32x32x3, paper size
   python bench/bench_norms.py --arch cnn --steps 64 --R 4
 """
 
@@ -76,13 +81,21 @@ def bench_arch(arch, args):
     n_steps = min(args.steps or steps_per_epoch, steps_per_epoch)
 
     # --- norms, cold start (before training) ---
-    opts = dict(definition=args.definition, norm_layers=args.norm_layers, tol=args.tol, max_iters=args.max_iters)
-    f = norms.spectral_complexity_fn(model.layout, **opts)
-    state0 = jax.jit(jax.vmap(lambda k: norms.init_norm_state(model.layout, k)))(keys)
+    opts = dict(definition=args.definition, norm_layers=args.norm_layers, attention=args.attention, tol=args.tol,
+                max_iters=args.max_iters)
+    apply_fn = lambda v, x: model.apply(v, x, False)[0]  # noqa: E731
+
+    def one(v, s):
+        return norms.evaluate(v, model.layout, s, apply_fn=apply_fn, input_shape=model.input_shape, **opts)
+
+    f = jax.jit(jax.vmap(one))
+    v_init = {"params": params, **other}
+    state0 = jax.jit(jax.vmap(lambda k, v: norms.init_norm_state(model.layout, k, init_variables=v)))(keys, v_init)
     t = time.perf_counter()
-    f_c = f.lower({"params": params, **other}, state0).compile()
+    f_c = f.lower(v_init, state0).compile()
     t_compile_norm = time.perf_counter() - t
-    t_cold, (_, _, state) = _timeit(lambda: f_c({"params": params, **other}, state0), args.repeats)
+    t_cold, res = _timeit(lambda: f_c(v_init, state0), args.repeats)
+    state = res.state
     cold_iters = np.asarray(state["iters"]).max(axis=0)
 
     # --- training ---
@@ -101,7 +114,8 @@ def bench_arch(arch, args):
 
     # --- norms, warm start after those training steps ---
     v = {"params": params, **other}
-    t_warm, (total, _, warm_state) = _timeit(lambda: f_c(v, state), 1)
+    t_warm, res = _timeit(lambda: f_c(v, state), 1)
+    warm_state = res.state
     warm_iters = np.asarray(warm_state["iters"]).max(axis=0)
     # Steady state: the warm evaluation of the next epoch (weights unchanged) runs min_iters.
     t_warm2, _ = _timeit(lambda: f_c(v, warm_state), args.repeats)
@@ -109,22 +123,29 @@ def bench_arch(arch, args):
     stateful = [l.name for l in model.layout if l.kind in ("conv", "dense")]
     conv_idx = [i for i, l in enumerate(l for l in model.layout if l.kind in ("conv", "dense")) if l.kind == "conv"]
     print(f"\n== {arch} (size={args.size}, input {tuple(args.input_shape)}, R={r}, P={args.P}, batch {args.batch}, "
-          f"{len(model.layout)} layout entries, norm_layers={args.norm_layers}, tol={args.tol})")
+          f"{len(model.layout)} layout entries, norm_layers={args.norm_layers}, attention={args.attention}, "
+          f"tol={args.tol})")
     print(f"compile: norm {t_compile_norm:.1f} s, train step {t_compile_step:.1f} s")
     print(f"train: {n_steps} steps in {t_steps:.2f} s -> epoch ({steps_per_epoch} steps) {t_epoch:.2f} s")
     print(f"norm eval, cold start:  {t_cold * 1e3:.1f} ms  ({100 * t_cold / t_epoch:.2f}% of an epoch)")
     print(f"norm eval, warm start after {n_steps} steps: {t_warm * 1e3:.1f} ms  ({100 * t_warm / t_epoch:.2f}%)")
     print(f"norm eval, warm, converged state: {t_warm2 * 1e3:.1f} ms  ({100 * t_warm2 / t_epoch:.2f}%)")
-    print("power iterations (max over replicas), cold -> warm:")
+    print("conv layers: power iterations (max over replicas) cold -> warm; certified gap spec_upper/spec - 1 (max):")
     for i in conv_idx:
-        print(f"  {stateful[i]:28s} {int(cold_iters[i]):5d} -> {int(warm_iters[i]):3d}")
-    print(f"R_A (replica 0) after training: {float(total[0]):.4g}")
+        name = stateful[i]
+        gap = max(float(np.max(np.asarray(p["spec_upper"]) / np.asarray(p["spec"]) - 1))
+                  for n, p in res.parts.items() if n == name) if name in res.parts else float("nan")
+        print(f"  {name:28s} {int(cold_iters[i]):5d} -> {int(warm_iters[i]):3d}   gap {gap:.2e}")
+    print(f"max certified gap {float(np.max(res.max_gap)):.2e}; unconverged readings {int(np.sum(res.unconverged))}")
+    print(f"R_A (replica 0) after training: {float(res.total[0]):.4g}  in [{float(res.total[0]):.4g}, "
+          f"{float(res.total_upper[0]):.4g}]")
+    print("zoo (replica 0): " + ", ".join(f"{k} {float(x[0]):.4g}" for k, x in res.zoo.items()))
     return dict(arch=arch, epoch_s=t_epoch, cold_s=t_cold, warm_s=t_warm, warm2_s=t_warm2)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet", "vit"])
+    ap.add_argument("--arch", nargs="+", default=["cnn", "resnet", "vit"], choices=["cnn", "resnet", "vit"])
     ap.add_argument("--size", default="paper", choices=["paper", "small"])
     ap.add_argument("--input-shape", type=int, nargs=3, default=[32, 32, 3])
     ap.add_argument("--classes", type=int, default=10)
@@ -133,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=0, help="training steps to time (0: a whole epoch)")
     ap.add_argument("--definition", default="paper", choices=list(norms.DEFINITIONS))
-    ap.add_argument("--norm-layers", default="exclude", choices=list(norms.NORM_LAYERS))
+    ap.add_argument("--norm-layers", default="fold", choices=list(norms.NORM_LAYERS))
+    ap.add_argument("--attention", default="stacked", choices=list(norms.ATTENTIONS))
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--max-iters", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
