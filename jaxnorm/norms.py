@@ -598,6 +598,25 @@ def operators(variables: Mapping[str, Any], layout: Layout, *, norm_layers: str 
     return ops
 
 
+def operator_names(layout: Layout, *, definition: str = "paper", norm_layers: str = "fold",
+                   attention: str = "stacked") -> list[str]:
+    """Names of the operators counted in R_A (the keys of ``parts``), in forward order, without any arrays."""
+    _validate(definition, norm_layers, "svd", layout, attention)
+    if definition == "deep_norm":
+        return [l.name for l in layout if l.kind != "diag"]
+    names: list[str] = []
+    for layer in layout:
+        if layer.kind == "diag":
+            if norm_layers == "include":
+                names.append(layer.name)
+        elif attention == "stacked" and layer.stack:
+            if layer.stack not in names:
+                names.append(layer.stack)
+        else:
+            names.append(layer.name)
+    return names
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-operator norms
 # ----------------------------------------------------------------------------------------------

@@ -692,3 +692,12 @@ def test_compare_norms_ranks_a_collapsing_norm_first():
     assert out.set_index("column").loc["epoch", "spread_mean"] > 0.01
     with pytest.raises(ValueError, match="zoo/nope"):
         analysis.compare_norms(pd.DataFrame(rows), ["zoo/nope"])
+
+
+def test_operator_names_are_the_keys_of_parts():
+    layout, v = _attention_toy()
+    f = jax.jit(lambda v: {(d, n, a): norms.spectral_complexity(v, layout, definition=d, norm_layers=n, attention=a)[1]
+                           for d in ("paper", "deep_norm") for n in norms.NORM_LAYERS for a in norms.ATTENTIONS})
+    for (d, n, a), parts in f(v).items():
+        assert set(norms.operator_names(layout, definition=d, norm_layers=n, attention=a)) == set(parts), (d, n, a)
+    assert norms.operator_names(layout) == ["qkv", "out", "mlp"]
