@@ -400,14 +400,15 @@ def test_folded_batchnorm_makes_R_A_a_function_of_the_network(x64):
     def f(v):
         out = {"logits": model.apply(v, x, False)[0]}
         for n in ("fold", "exclude"):
-            # tol below reach: both runs make exactly max_iters iterations from the same start vector.
-            out[n] = norms.spectral_complexity(v, model.layout, norm_layers=n, tol=1e-14, max_iters=300)[0]
+            # tol below reach: both runs make exactly max_iters iterations from the same start vector, so the
+            # readings agree to rounding whatever their distance to the exact norm.
+            out[n] = norms.spectral_complexity(v, model.layout, norm_layers=n, tol=1e-14, max_iters=20)[0]
         return out
 
     a, b = f(variables), f(moved)
     np.testing.assert_allclose(np.asarray(b["logits"]), np.asarray(a["logits"]), rtol=1e-9, atol=1e-9)
     assert rel(float(b["fold"]), float(a["fold"])) < 1e-6
-    assert rel(float(b["exclude"]), float(a["exclude"])) > 1.0  # the unfolded R_A is not a function of the net
+    assert rel(float(b["exclude"]), float(a["exclude"])) > 1.0  # unfolded R_A is not a function of the net (x~10)
     # The folded kernel is the conv's kernel times scale / sqrt(var + eps) per output channel.
     ops = {o.name: o.kernel for o in norms.operators(variables, model.layout)}
     bn = variables["params"][blk]["bn1"]
