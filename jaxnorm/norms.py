@@ -99,7 +99,9 @@ endpoints are R_A at the lower and at the upper norms).
   otherwise (measured: ~0.1-0.3% for 3x3 SAME convs on 16-32 px, ~1% for LeNet conv1, 2.6% for 3x3 on
   8 px, 5.5% for LeNet conv2 5x5 VALID on 14 px; bench/bench_norms.py prints the gaps). A tighter
   zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
-* Dense layers: ``dense_method="svd"`` (default) -- exact, ``spec_upper = spec``; ``"power"`` -- power iteration
+* Dense layers: ``dense_method="svd"`` (default) -- exact up to float rounding (the top eigenvalue of the
+  smaller Gram matrix ``K^T K`` or ``K K^T``, 15x faster than a batched SVD on XLA:CPU), ``spec_upper = spec``;
+  ``"power"`` -- power iteration
   with a Gram-iteration upper bound of the kernel matrix.
 * Stopping rule: at least ``min_iters`` iterations; then stop when the certified relative gap
   ``spec_upper / spec - 1 <= tol``, or when the estimate's relative change is ``<= tol``, or at ``max_iters``.
@@ -651,6 +653,15 @@ def _l21(rows_sq, cols_sq, n_copies, definition):
     return jnp.mean(jnp.sqrt(jnp.maximum(cols_sq, 0)))
 
 
+def _matrix_norm(k2: jax.Array) -> jax.Array:
+    """Largest singular value of a small matrix: sqrt of the top eigenvalue of its smaller Gram matrix.
+
+    Why not ``jnp.linalg.svd``: on XLA:CPU the batched SVD of LeNet's three dense kernels (R = 4) took 108 ms,
+    this 7 ms, and the two agreed to 5e-7 (float32 rounding)."""
+    g = k2.T @ k2 if k2.shape[0] >= k2.shape[1] else k2 @ k2.T
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(g)[-1], 0))
+
+
 def _dense_dims(layer, kernel):
     d_in = math.prod(kernel.shape[: layer.kernel_in_ndim])
     n_in = math.prod(layer.input_shape)
@@ -679,7 +690,7 @@ def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters
     k2 = kernel.reshape(d_in, -1)
     l21 = _dense_l21(layer, kernel, definition)
     if dense_method == "svd":
-        spec = jnp.linalg.svd(k2, compute_uv=False)[0]
+        spec = _matrix_norm(k2)
         return Reading(spec, spec, l21, v, jnp.zeros((), jnp.int32), jnp.zeros((), v.dtype))
     upper = gram_upper_bound(k2, gram_iters)
     # Power iteration on K (x) I_T acting on the whole input, v of shape input_shape.
@@ -783,7 +794,7 @@ def _deep_norm_readings(variables, layout, v_dtype):
         k = jnp.asarray(get_path(variables, layer.path))
         d_in = math.prod(k.shape[:3]) if layer.kind == "conv" else math.prod(k.shape[: layer.kernel_in_ndim])
         k2 = k.reshape(d_in, -1)  # = (PyTorch weight (out, in*kh*kw))^T up to a column permutation
-        s = jnp.linalg.svd(k2, compute_uv=False)[0]
+        s = _matrix_norm(k2)
         t = jnp.sum(jnp.sqrt(jnp.sum(k2 * k2, axis=1)))  # PyTorch: sum of the l2 norms of the columns
         out[layer.name] = Reading(s, s, t, None, jnp.zeros((), jnp.int32), jnp.zeros((), v_dtype))
     return out
