@@ -1049,9 +1049,12 @@ def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=Non
     if zoo:
         if init_variables is None and state is not None and "init" in state:
             init_variables = _from_leaves(state["init"], layout)
+        op_readings = readings
+        if definition == "deep_norm":  # the zoo is on the operators: read them too, warm-started from the state
+            op_readings, _, new_state = _readings(variables, layout, state, "paper", norm_layers, attention,
+                                                  dense_method, pi_kw, gram_iters)
         zoo_out = norm_zoo(
-            variables, layout, init_variables,
-            spec=None if definition == "deep_norm" else {n: r.spec for n, r in readings.items()},
+            variables, layout, init_variables, spec={n: r.spec for n, r in op_readings.items()},
             apply_fn=apply_fn, input_shape=input_shape, definition=definition,
             norm_layers=norm_layers, attention=attention)
     return NormResult(total, total_upper, jnp.max(gaps), unconverged, parts, zoo_out, new_state)

@@ -702,3 +702,15 @@ def test_operator_names_are_the_keys_of_parts():
     for (d, n, a), parts in f(v).items():
         assert set(norms.operator_names(layout, definition=d, norm_layers=n, attention=a)) == set(parts), (d, n, a)
     assert norms.operator_names(layout) == ["qkv", "out", "mlp"]
+
+
+def test_deep_norm_with_zoo_reads_the_operators_warm():
+    # definition="deep_norm" logs the reference formula; the zoo still needs the operators' norms, which then
+    # advance the power-iteration state (no cold start at every evaluation).
+    layout, v = _toy()
+    st = norms.init_norm_state(layout, jax.random.PRNGKey(0))
+    f = jax.jit(lambda v, s: (norms.evaluate(v, layout, s, definition="deep_norm"), norms.evaluate(v, layout, s)))
+    dn, paper = f(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), v), st)
+    assert int(dn.state["iters"][0]) > 0 and set(dn.parts) == {"conv1", "conv2", "fc"}
+    for k in ("spec_prod", "frob_prod", "group21"):
+        assert rel(float(dn.zoo[k]), float(paper.zoo[k])) < 1e-6, k
