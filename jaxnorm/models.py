@@ -61,7 +61,10 @@ downsampling: conv1, bn1, conv2, bn2; every ViT encoder sub-block: ln, q, k, v,
 out, mlp1, mlp2). ``lipschitz`` is 1 everywhere: ReLU and max pooling are
 1-Lipschitz; for GELU (true Lipschitz constant ~1.129) and softmax attention we
 take the paper's rho = 1 (Sec. 3.1 cites only ReLU's value); ``jaxnorm.norms``
-may override it.
+may override it. Each BatchNorm entry names the conv that feeds it and each
+LayerNorm the layers that read it (``fold_into``: ``jaxnorm.norms`` folds the
+scales there by default); q, k, v share a ``stack`` name (counted as one operator
+[q; k; v] by default).
 
 Convolution implementations (``conv_impl``), same parameters and paths for all:
   "xla"      ``lax.conv_general_dilated``; max pooling by ``reduce_window``.
