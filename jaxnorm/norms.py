@@ -96,9 +96,10 @@ endpoints are R_A at the lower and at the upper norms).
   ``C x C_out`` matrix is bounded from above by Gram iteration (Delattre et al. 2023:
   ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at every t). The bound is exact
   for non-overlapping patch convs (ViT's patch embedding) and loose by the circulant-vs-Toeplitz gap
-  otherwise (measured: ~0.1-0.3% for 3x3 SAME convs on 16-32 px, ~1% for LeNet conv1, 2.6% for 3x3 on
-  8 px, 5.5% for LeNet conv2 5x5 VALID on 14 px; bench/bench_norms.py prints the gaps). A tighter
-  zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
+  otherwise. Measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
+  LeNet conv1 1.9%, conv2 7-8% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in
+  stage 2, 0.9-9.5% in stage 3 (8 px); with 19 such factors R_A's interval is [R, 1.33 R] for ResNet-20.
+  A tighter zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
 * Dense layers: ``dense_method="svd"`` (default) -- exact up to float rounding (the top eigenvalue of the
   smaller Gram matrix ``K^T K`` or ``K K^T``, 15x faster than a batched SVD on XLA:CPU), ``spec_upper = spec``;
   ``"power"`` -- power iteration
@@ -653,13 +654,21 @@ def _l21(rows_sq, cols_sq, n_copies, definition):
     return jnp.mean(jnp.sqrt(jnp.maximum(cols_sq, 0)))
 
 
-def _matrix_norm(k2: jax.Array) -> jax.Array:
-    """Largest singular value of a small matrix: sqrt of the top eigenvalue of its smaller Gram matrix.
+def _matrix_norms(mats: Sequence[jax.Array]) -> list[jax.Array]:
+    """Largest singular value of each small matrix: sqrt of the top eigenvalue of its smaller Gram matrix.
 
-    Why not ``jnp.linalg.svd``: on XLA:CPU the batched SVD of LeNet's three dense kernels (R = 4) took 108 ms,
-    this 7 ms, and the two agreed to 5e-7 (float32 rounding)."""
-    g = k2.T @ k2 if k2.shape[0] >= k2.shape[1] else k2 @ k2.T
-    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(g)[-1], 0))
+    All Gram matrices are zero-padded to one size (PSD: padding adds zero eigenvalues only) and go through *one*
+    ``eigvalsh``. Why: on XLA:CPU (2 cores) a program with a dozen independent batched LAPACK calls
+    (``eigvalsh`` or ``svd``; paper-size ViT, R = 4) deadlocked; one call cannot. And why not ``jnp.linalg.svd``:
+    the batched SVD of LeNet's three dense kernels (R = 4) took 108 ms, this 7 ms; they agreed to 5e-7.
+    """
+    if not mats:
+        return []
+    grams = [k.T @ k if k.shape[0] >= k.shape[1] else k @ k.T for k in mats]
+    d = max(g.shape[0] for g in grams)
+    stack = jnp.stack([jnp.pad(g, ((0, d - g.shape[0]), (0, d - g.shape[0]))) for g in grams])
+    top = jnp.linalg.eigvalsh(stack)[..., -1]
+    return [jnp.sqrt(jnp.maximum(top[i], 0)) for i in range(len(mats))]
 
 
 def _dense_dims(layer, kernel):
@@ -685,12 +694,12 @@ def _dense_l21(layer, kernel, definition, reference=None):
     return _l21(jnp.sum(km * km, axis=0), jnp.sum(km * km, axis=1), n_pos, definition)
 
 
-def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters):
+def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters, spec=None):
     d_in, n_pos = _dense_dims(layer, kernel)
     k2 = kernel.reshape(d_in, -1)
     l21 = _dense_l21(layer, kernel, definition)
-    if dense_method == "svd":
-        spec = _matrix_norm(k2)
+    if dense_method == "svd":  # spec: from _matrix_norms over all dense operators at once
+        spec = _matrix_norms([k2])[0] if spec is None else spec
         return Reading(spec, spec, l21, v, jnp.zeros((), jnp.int32), jnp.zeros((), v.dtype))
     upper = gram_upper_bound(k2, gram_iters)
     # Power iteration on K (x) I_T acting on the whole input, v of shape input_shape.
@@ -787,16 +796,18 @@ def deep_norm_from_parts(spec, l21, *, log: bool = False) -> jax.Array:
 
 def _deep_norm_readings(variables, layout, v_dtype):
     """Per conv/dense entry (forward order): s_i, t_i of the raw weight reshaped to (in * kh * kw, out)."""
-    out = {}
+    names, mats = [], []
     for layer in layout:
         if layer.kind == "diag":
             continue
         k = jnp.asarray(get_path(variables, layer.path))
         d_in = math.prod(k.shape[:3]) if layer.kind == "conv" else math.prod(k.shape[: layer.kernel_in_ndim])
-        k2 = k.reshape(d_in, -1)  # = (PyTorch weight (out, in*kh*kw))^T up to a column permutation
-        s = _matrix_norm(k2)
+        names.append(layer.name)
+        mats.append(k.reshape(d_in, -1))  # = (PyTorch weight (out, in*kh*kw))^T up to a column permutation
+    out = {}
+    for name, k2, s in zip(names, mats, _matrix_norms(mats)):
         t = jnp.sum(jnp.sqrt(jnp.sum(k2 * k2, axis=1)))  # PyTorch: sum of the l2 norms of the columns
-        out[layer.name] = Reading(s, s, t, None, jnp.zeros((), jnp.int32), jnp.zeros((), v_dtype))
+        out[name] = Reading(s, s, t, None, jnp.zeros((), jnp.int32), jnp.zeros((), v_dtype))
     return out
 
 
@@ -831,13 +842,18 @@ def _readings(variables, layout, state, definition, norm_layers, attention, dens
         return readings, {name: 1.0 for name in readings}, state
     new_v, new_it, new_delta = list(state["v"]), list(state["iters"]), list(state["delta"])
     readings, rhos = {}, {}
-    for op in operators(variables, layout, norm_layers=norm_layers, attention=attention):
+    ops = operators(variables, layout, norm_layers=norm_layers, attention=attention)
+    dense = [o for o in ops if o.layer.kind == "dense"] if dense_method == "svd" else []
+    dense_spec = dict(zip([o.name for o in dense], _matrix_norms(
+        [o.kernel.reshape(_dense_dims(o.layer, o.kernel)[0], -1) for o in dense])))
+    for op in ops:
         if op.layer.kind == "diag":
             r = _diag_reading(op.layer, op.kernel, definition, v_dtype)
         else:
             v = state["v"][op.state_index]
             if op.layer.kind == "dense":
-                r = _dense_reading(op.layer, op.kernel, v, definition, dense_method, pi_kw, gram_iters)
+                r = _dense_reading(op.layer, op.kernel, v, definition, dense_method, pi_kw, gram_iters,
+                                   dense_spec.get(op.name))
             else:
                 r = _conv_reading(op.layer, op.kernel, v, definition, pi_kw, gram_iters)
             new_v[op.state_index] = r.v
