@@ -2235,3 +2235,110 @@ def dump_json(obj, path: str) -> None:
     """Writes ``obj`` as indented JSON (numpy values converted, NaN -> null)."""
     with open(path, "w") as fh:
         json.dump(_jsonable(obj), fh, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which norm collapses the early phase best? (issue 11; self-contained: numpy/pandas only)
+# ----------------------------------------------------------------------------------------------
+
+def _cn_mean_curves(df: pd.DataFrame, column: str) -> dict:
+    """{P: (x, eps)} seed-mean curves by epoch: x averaged geometrically, eps arithmetically; x > 0 only."""
+    out = {}
+    d = df[["P", "epoch", "test_error", column]].copy()
+    d["x"] = pd.to_numeric(d[column], errors="coerce").astype(float)
+    d = d[np.isfinite(d["x"]) & (d["x"] > 0) & np.isfinite(d["test_error"].astype(float))]
+    for P, g in d.groupby("P", sort=True):
+        agg = g.assign(lx=np.log(g["x"])).groupby("epoch").agg(lx=("lx", "mean"), eps=("test_error", "mean"))
+        agg = agg.reset_index().sort_values("epoch")
+        out[int(P)] = (np.exp(agg["lx"].to_numpy()), agg["eps"].to_numpy(dtype=float))
+    return out
+
+
+def _cn_early(x: np.ndarray, eps: np.ndarray, early_cut: float) -> tuple[np.ndarray, np.ndarray]:
+    """The early phase of one curve: from the start while eps > eps_opt + early_cut (eps_0 - eps_opt), before
+    the minimum of the test error."""
+    if x.size < 2:
+        return x[:0], eps[:0]
+    i_opt = int(np.argmin(eps))
+    level = eps[i_opt] + early_cut * (eps[0] - eps[i_opt])
+    stop = i_opt
+    below = np.nonzero(eps[: i_opt + 1] <= level)[0]
+    if below.size:
+        stop = int(below[0])
+    return x[: stop + 1], eps[: stop + 1]
+
+
+def _cn_spread(curves: dict, n_grid: int) -> dict:
+    """Spread across P of log10 eps interpolated in (log10 x, log10 eps) on a common grid (>= 2 curves)."""
+    usable = {P: c for P, c in curves.items() if c[0].size >= 2 and np.all(c[1] > 0)}
+    nan = dict(spread_mean=np.nan, spread_max=np.nan, overlap_decades=0.0, n_grid_used=0, n_P=len(usable))
+    if len(usable) < 2:
+        return nan
+    lx = {P: np.log10(c[0]) for P, c in usable.items()}
+    grid = np.linspace(min(a.min() for a in lx.values()), max(a.max() for a in lx.values()), n_grid)
+    Y = np.full((len(usable), n_grid), np.nan)
+    for r, P in enumerate(usable):
+        o = np.argsort(lx[P], kind="stable")
+        xs, ys = lx[P][o], np.log10(usable[P][1])[o]
+        inside = (grid >= xs[0]) & (grid <= xs[-1])
+        Y[r, inside] = np.interp(grid[inside], xs, ys)
+    use = np.sum(np.isfinite(Y), axis=0) >= 2
+    if not use.any():
+        return nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spread = np.nanstd(Y[:, use], axis=0, ddof=1)
+    return dict(spread_mean=float(np.mean(spread)), spread_max=float(np.max(spread)),
+                overlap_decades=float(grid[use].max() - grid[use].min()), n_grid_used=int(use.sum()),
+                n_P=len(usable))
+
+
+def compare_norms(df: pd.DataFrame, columns: Sequence[str] | None = None, *, early_cut: float = 0.3,
+                  n_grid: int = 60, baseline: bool = True) -> pd.DataFrame:
+    """Early-phase collapse quality of the learning curves eps(x) for each norm column x ("which norm makes
+    the curves collapse best?").
+
+    For every column, each P's seed-mean curve (x averaged geometrically, test error arithmetically, per
+    epoch) is cut to its early phase: from the first evaluation while ``eps > eps_opt + early_cut (eps_0 -
+    eps_opt)``, before the minimum of the test error (the P-independent power-law phase of the paper's Fig. 3).
+    On a common grid of log10 x, each curve is interpolated in (log10 x, log10 eps) where it has data; the
+    spread is the standard deviation of log10 eps across P where >= 2 curves overlap (0.01 ~ 2.3 %). A
+    perfect collapse has spread 0; curves that do not overlap in x give NaN.
+
+    Args:
+      df: tidy results (``jaxnorm.results.load``): P, seed, epoch, test_error and the norm columns.
+      columns: norm columns to compare; default ``spectral_complexity``, ``spectral_complexity_upper`` and every
+        ``zoo/*`` column present.
+      early_cut: fraction of the error drop left out at the end of the early phase (0: up to the optimum).
+      n_grid: grid points. baseline: also rank ``epoch`` (training time; the paper's Fig. 7 says it does not
+        collapse the curves).
+
+    Returns:
+      DataFrame, one row per column, best (smallest ``spread_mean``) first: column, spread_mean, spread_max
+      (log10 units), overlap_decades (decades of x where >= 2 curves overlap), n_grid_used, n_P, rank.
+
+    Raises:
+      ValueError: a requested column is missing, or df lacks P/epoch/test_error.
+    """
+    for c in ("P", "epoch", "test_error"):
+        if c not in df.columns:
+            raise ValueError(f"compare_norms: df has no {c!r} column; it needs P, epoch, test_error")
+    if columns is None:
+        columns = [c for c in ("spectral_complexity", "spectral_complexity_upper") if c in df.columns]
+        columns += sorted(c for c in df.columns if str(c).startswith("zoo/"))
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"compare_norms: columns {missing} not in df; norm columns there: "
+                         f"{[c for c in df.columns if c.startswith(('zoo/', 'spectral'))]}")
+    if "diverged" in df.columns:
+        df = df[~df["diverged"].astype(bool)]
+    cols = list(columns) + (["epoch"] if baseline and "epoch" not in columns else [])
+    rows = []
+    for col in cols:
+        src = df.assign(_x=df["epoch"]) if col == "epoch" else df.assign(_x=df[col])
+        curves = _cn_mean_curves(src, "_x")
+        early = {P: _cn_early(x, e, early_cut) for P, (x, e) in curves.items()}
+        rows.append(dict(column=col, **_cn_spread(early, n_grid)))
+    out = pd.DataFrame(rows).sort_values("spread_mean", na_position="last", kind="stable").reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out

@@ -32,7 +32,9 @@ EVAL_SCHEDULES = ("every", "log")
 SIZES = ("paper", "small")
 CONV_IMPLS = ("auto", "xla", "patches", "im2col", "phase")  # = jaxnorm.models.CONV_IMPLS
 REPLICA_AXES = ("auto", "vmap", "map")
-NORM_DEFINITIONS = ("paper", "bartlett", "paper_input")
+NORM_DEFINITIONS = ("paper", "bartlett", "paper_input", "deep_norm")  # = jaxnorm.norms.DEFINITIONS
+NORM_LAYERS = ("fold", "exclude", "include")  # = jaxnorm.norms.NORM_LAYERS
+NORM_ATTENTIONS = ("stacked", "separate")  # = jaxnorm.norms.ATTENTIONS
 
 # Appendix E, "Trainings and values of P".
 MNIST_P = (89, 188, 375, 750, 1500, 3000, 6000, 12000, 24000, 30000, 36000, 42000, 48000)
@@ -57,8 +59,11 @@ class SweepConfig:
       train_eval_max: 0 = train error/loss on the replica's whole subset; n > 0 = on its first
         n examples (cheaper for large P).
       margin_epochs: epochs at which the raw test margins are saved (margins/P{P}_s{s}_e{e}.npy).
-      norm_definition, norm_layers, dense_method, norm_max_iters, norm_tol: passed to
-        ``jaxnorm.norms.spectral_complexity`` (definition, norm_layers, dense_method, max_iters, tol).
+      norm_definition, norm_layers, norm_attention, dense_method, norm_max_iters, norm_tol: passed to
+        ``jaxnorm.norms.evaluate`` (definition, norm_layers, attention, dense_method, max_iters, tol);
+        ``norm_definition="deep_norm"`` is the paper authors' reference formula; ``norm_layers="fold"`` folds
+        BatchNorm/LayerNorm scales into their convs/dense layers (see jaxnorm.norms).
+      norm_zoo: also log the cheap norms of ``jaxnorm.norms.norm_zoo`` (``zoo/<name>`` columns).
       seed_start: the seeds of this run are seed_start .. seed_start + seeds - 1 (to split one
         sweep over hosts or runs; results of the parts concatenate).
       lr_overrides: list of {P, seed, lr} tables, the learning rate of single replicas (for
@@ -100,7 +105,9 @@ class SweepConfig:
     train_eval_max: int = 0
     margin_epochs: tuple[int, ...] = ()
     norm_definition: str = "paper"
-    norm_layers: str = "exclude"
+    norm_layers: str = "fold"
+    norm_attention: str = "stacked"
+    norm_zoo: bool = True
     dense_method: str = "svd"
     norm_max_iters: int = 500
     norm_tol: float = 1e-5
@@ -273,7 +280,8 @@ def validate(cfg: SweepConfig) -> None:
                          f"{', '.join(c for c in CONV_IMPLS if c != 'phase')}")
     _check_choice("replica_axis", cfg.replica_axis, REPLICA_AXES)
     _check_choice("norm_definition", cfg.norm_definition, NORM_DEFINITIONS)
-    _check_choice("norm_layers", cfg.norm_layers, ("exclude", "include"))
+    _check_choice("norm_layers", cfg.norm_layers, NORM_LAYERS)
+    _check_choice("norm_attention", cfg.norm_attention, NORM_ATTENTIONS)
     _check_choice("dense_method", cfg.dense_method, ("svd", "power"))
     if not cfg.norm_tol > 0:
         raise ValueError(f"norm_tol={cfg.norm_tol!r}; allowed: > 0")

@@ -98,6 +98,9 @@ CHECKPOINT_DIR = "checkpoints"
 MARGIN_DIR = "margins"
 BASE_COLUMNS = ("arch", "dataset", "size", "P", "seed", "replica", "epoch", "step", "test_error",
                 "test_loss", "train_error", "train_loss", "spectral_complexity", "wall_time", "diverged", "lr")
+# jaxnorm.norms.evaluate: R_A from the certified upper spectral norms, the largest certified relative gap
+# spec_upper / spec - 1 over the operators, and the number of readings that stopped at max_iters unconverged.
+NORM_BOUND_COLUMNS = ("spectral_complexity_upper", "norm_max_gap", "norm_unconverged")
 
 
 class RunDirMismatch(ValueError):
@@ -419,7 +422,7 @@ def init_replica(model: models_lib.Model, tx, key_data: jax.Array, lr) -> dict:
     k_model, k_norm = jax.random.split(key)
     variables = model.init(k_model)
     return dict(variables=variables, opt_state=tx.init(variables["params"]),
-                norm_state=norms_lib.init_norm_state(model.layout, k_norm),
+                norm_state=norms_lib.init_norm_state(model.layout, k_norm, init_variables=variables),
                 lr=jnp.asarray(lr, jnp.float32), diverged=jnp.asarray(False))
 
 
@@ -647,7 +650,9 @@ def _compile_functions(model, tx, unroll: int, norm_kw: dict, rep: NamedSharding
 
     def norms(variables, state):
         trace_count["norms"] += 1
-        f = jax.vmap(lambda v, s: norms_lib.spectral_complexity(v, layout, s, **norm_kw))
+        apply_fn = lambda v, x: model.apply(v, x, False)[0]  # noqa: E731 -- the zoo's l2 path norm
+        f = jax.vmap(lambda v, s: norms_lib.evaluate(v, layout, s, apply_fn=apply_fn, input_shape=model.input_shape,
+                                                     **norm_kw))
         # Per device (shard_map), not SPMD-partitioned: the power iteration is a lax.while_loop with a
         # data-dependent trip count; partitioned over the sharded replica axis, XLA puts an all-reduce
         # inside the loop that the devices reach a different number of times -- with >1 device the
@@ -758,8 +763,9 @@ class Engine:
     # ---------------------------------------------------------------- compiled functions
     def _build_functions(self):
         cfg = self.cfg
-        norm_kw = dict(definition=cfg.norm_definition, norm_layers=cfg.norm_layers,
-                       dense_method=cfg.dense_method, max_iters=cfg.norm_max_iters, tol=cfg.norm_tol)
+        norm_kw = dict(definition=cfg.norm_definition, norm_layers=cfg.norm_layers, attention=cfg.norm_attention,
+                       zoo=cfg.norm_zoo, dense_method=cfg.dense_method, max_iters=cfg.norm_max_iters,
+                       tol=cfg.norm_tol)
         key = (cfg.arch, cfg.size, self.model.conv_impl, tuple(self.ds.input_shape), self.ds.num_classes,
                cfg.optimizer, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, self.unroll,
                tuple(sorted(norm_kw.items())), tuple(d.id for d in self.devices), self.backend, self.replica_axis)
@@ -823,8 +829,9 @@ class Engine:
         cfg, sched = self.cfg, self.sched
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MARGIN_DIR).mkdir(exist_ok=True)
-        self.columns = list(BASE_COLUMNS) + [f"norm/{name}/{k}" for name in self._norm_layer_names()
-                                             for k in ("spec", "l21")]
+        self.columns = list(BASE_COLUMNS) + list(NORM_BOUND_COLUMNS) + [
+            f"zoo/{z}" for z in (norms_lib.ZOO if self.cfg.norm_zoo else ())] + [
+            f"norm/{name}/{k}" for name in self._norm_layer_names() for k in ("spec", "spec_upper", "l21")]
         self.results = _Results(self.out / RESULTS_FILE, self.columns)
         self.wall0 = time.time()
         self.wall_offset = 0.0
@@ -911,7 +918,9 @@ class Engine:
                 self.final[(job.P, job.seed)] = jax.tree.map(lambda a: np.asarray(a[r]), slots["variables"])
 
     def _norm_layer_names(self) -> list[str]:
-        return [l.name for l in self.layout if l.kind != "diag" or self.cfg.norm_layers == "include"]
+        c = self.cfg
+        return norms_lib.operator_names(self.layout, definition=c.norm_definition, norm_layers=c.norm_layers,
+                                        attention=c.norm_attention)
 
     def _summary(self) -> dict:
         s = self.sched
@@ -987,7 +996,8 @@ class Engine:
         try:
             sub = self._gather(slots, where_d)
             variables = sub["variables"]
-            total, parts, new_ns = self._norms(variables, sub["norm_state"])
+            nres = self._norms(variables, sub["norm_state"])
+            total, parts, new_ns = nres.total, nres.parts, nres.state
             slots = self._scatter(slots, {**sub, "norm_state": new_ns}, where_d)
             t_loss = t_err = 0.0
             margins = []
@@ -1017,6 +1027,9 @@ class Engine:
             t_loss, t_err = np.asarray(t_loss), np.asarray(t_err)
             tr_loss, tr_err = np.asarray(tr_loss), np.asarray(tr_err)
             parts = jax.tree.map(np.asarray, parts)
+            bounds = dict(spectral_complexity_upper=np.asarray(nres.total_upper), norm_max_gap=np.asarray(nres.max_gap),
+                          norm_unconverged=np.asarray(nres.unconverged))
+            zoo = {f"zoo/{k}": np.asarray(x) for k, x in nres.zoo.items()}
             margins = np.concatenate([np.asarray(m) for m in margins], axis=1)[:, : self.n_test_eval] \
                 if want_margins else None
         except Exception as err:  # noqa: BLE001
@@ -1033,9 +1046,11 @@ class Engine:
                        test_loss=t_loss[i] / self.n_test_eval, train_error=tr_err[i] / n_tr[i],
                        train_loss=tr_loss[i] / n_tr[i], spectral_complexity=total[i], wall_time=wall,
                        diverged=False, lr=job.lr)
+            for col, x in {**bounds, **zoo}.items():
+                row[col] = x[i]
             for name, d in parts.items():
-                row[f"norm/{name}/spec"] = d["spec"][i]
-                row[f"norm/{name}/l21"] = d["l21"][i]
+                for k in ("spec", "spec_upper", "l21"):
+                    row[f"norm/{name}/{k}"] = d[k][i]
             rows.append(row)
             if margins is not None and epoch in cfg.margin_epochs:
                 _save_npy_atomic(self.out / MARGIN_DIR / f"P{job.P}_s{job.seed}_e{epoch}.npy",

@@ -54,6 +54,18 @@ class LinearLayer:
         (what ``jaxnorm.norms`` does with it is documented there).
       lipschitz: rho_i, the Lipschitz constant of the nonlinearity that follows
         the layer (1 for ReLU; see ``jaxnorm.norms`` for GELU and softmax).
+      var_path, eps: BatchNorm only: path to the running variance and the
+        normalizer's epsilon (the eval-mode map is ``scale / sqrt(var + eps)``).
+      fold_into: diag only: names of the conv/dense entries whose kernels absorb
+        this per-channel scale when ``jaxnorm.norms`` folds normalization layers
+        (``norm_layers="fold"``). An entry *before* the diag is the layer that
+        feeds it (BatchNorm after a conv: the scale multiplies its output
+        channels); entries *after* it read its output (pre-LN LayerNorm before
+        q/k/v or an MLP: the scale multiplies their input features).
+      stack: dense only: entries with the same non-empty ``stack`` name that read
+        the same input (attention q, k, v) may be counted as one operator, their
+        kernels concatenated along the output axis (``jaxnorm.norms``,
+        ``attention="stacked"``); the stacked operator is named ``stack``.
     """
 
     name: str
@@ -67,6 +79,8 @@ class LinearLayer:
     lipschitz: float = 1.0
     var_path: tuple[str, ...] | None = None
     eps: float = 0.0
+    fold_into: tuple[str, ...] = ()
+    stack: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,6 +89,10 @@ class LinearLayer:
             raise ValueError(
                 f"LinearLayer {self.name!r}: a conv needs input_shape (H, W, C_in), got {self.input_shape}"
             )
+        if self.fold_into and self.kind != "diag":
+            raise ValueError(f"LinearLayer {self.name!r}: fold_into is for diag entries, not {self.kind!r}")
+        if self.stack and self.kind != "dense":
+            raise ValueError(f"LinearLayer {self.name!r}: stack is for dense entries, not {self.kind!r}")
 
 
 Layout = tuple[LinearLayer, ...]

@@ -61,7 +61,10 @@ downsampling: conv1, bn1, conv2, bn2; every ViT encoder sub-block: ln, q, k, v,
 out, mlp1, mlp2). ``lipschitz`` is 1 everywhere: ReLU and max pooling are
 1-Lipschitz; for GELU (true Lipschitz constant ~1.129) and softmax attention we
 take the paper's rho = 1 (Sec. 3.1 cites only ReLU's value); ``jaxnorm.norms``
-may override it.
+may override it. Each BatchNorm entry names the conv that feeds it and each
+LayerNorm the layers that read it (``fold_into``: ``jaxnorm.norms`` folds the
+scales there by default); q, k, v share a ``stack`` name (counted as one operator
+[q; k; v] by default).
 
 Convolution implementations (``conv_impl``), same parameters and paths for all:
   "xla"      ``lax.conv_general_dilated``; max pooling by ``reduce_window``.
@@ -537,11 +540,12 @@ def _cnn_layout(input_shape, num_classes, conv, fc, conv1_padding) -> Layout:
     return tuple(layers)
 
 
-def _bn(name: str, scope: tuple[str, ...], shape) -> LinearLayer:
+def _bn(name: str, scope: tuple[str, ...], shape, feeder: str) -> LinearLayer:
+    # fold_into: the conv that feeds this BatchNorm (jaxnorm.norms folds its eval-mode scale into it).
     return LinearLayer(
         name, "diag", ("params",) + scope + ("scale",), tuple(shape),
         var_path=("batch_stats",) + scope + ("var",), eps=BN_EPS,
-        residual=False,
+        residual=False, fold_into=(feeder,),
     )
 
 
@@ -549,7 +553,7 @@ def _resnet_layout(input_shape, num_classes, widths, blocks) -> Layout:
     h, w, c = input_shape
     layers = [
         LinearLayer("conv1", "conv", ("params", "conv1", "kernel"), (h, w, c)),
-        _bn("bn1", ("bn1",), (h, w, widths[0])),
+        _bn("bn1", ("bn1",), (h, w, widths[0]), "conv1"),
     ]
     cin = widths[0]
     for s, width in enumerate(widths):
@@ -563,12 +567,14 @@ def _resnet_layout(input_shape, num_classes, widths, blocks) -> Layout:
                             strides=(stride, stride), padding=pad, residual=identity)
             )
             h, w = _conv_out(h, 3, stride, pad), _conv_out(w, 3, stride, pad)
-            layers.append(dataclasses.replace(_bn(f"{blk}/bn1", (blk, "bn1"), (h, w, width)), residual=identity))
+            layers.append(dataclasses.replace(_bn(f"{blk}/bn1", (blk, "bn1"), (h, w, width), f"{blk}/conv1"),
+                                              residual=identity))
             layers.append(
                 LinearLayer(f"{blk}/conv2", "conv", ("params", blk, "conv2", "kernel"), (h, w, width),
                             residual=identity)
             )
-            layers.append(dataclasses.replace(_bn(f"{blk}/bn2", (blk, "bn2"), (h, w, width)), residual=identity))
+            layers.append(dataclasses.replace(_bn(f"{blk}/bn2", (blk, "bn2"), (h, w, width), f"{blk}/conv2"),
+                                              residual=identity))
             cin = width
     layers.append(LinearLayer("fc", "dense", ("params", "fc", "kernel"), (cin,)))
     return tuple(layers)
@@ -585,19 +591,26 @@ def _vit_layout(input_shape, num_classes, patch, dim, depth, heads, mlp) -> Layo
         e = f"encoder{i}"
         P = lambda *k: ("params", e) + k  # noqa: E731
         layers += [
-            LinearLayer(f"{e}/ln1", "diag", P("ln1", "scale"), (t, dim), residual=True, eps=LN_EPS),
-            LinearLayer(f"{e}/attn/query", "dense", P("attn", "query", "kernel"), (t, dim), residual=True),
-            LinearLayer(f"{e}/attn/key", "dense", P("attn", "key", "kernel"), (t, dim), residual=True),
-            LinearLayer(f"{e}/attn/value", "dense", P("attn", "value", "kernel"), (t, dim), residual=True),
+            # fold_into: the layers that read the LayerNorm's output (its scale is their input-side factor);
+            # stack: q, k, v read the same input and may be counted as one operator [q; k; v].
+            LinearLayer(f"{e}/ln1", "diag", P("ln1", "scale"), (t, dim), residual=True, eps=LN_EPS,
+                        fold_into=(f"{e}/attn/query", f"{e}/attn/key", f"{e}/attn/value")),
+            LinearLayer(f"{e}/attn/query", "dense", P("attn", "query", "kernel"), (t, dim), residual=True,
+                        stack=f"{e}/attn/qkv"),
+            LinearLayer(f"{e}/attn/key", "dense", P("attn", "key", "kernel"), (t, dim), residual=True,
+                        stack=f"{e}/attn/qkv"),
+            LinearLayer(f"{e}/attn/value", "dense", P("attn", "value", "kernel"), (t, dim), residual=True,
+                        stack=f"{e}/attn/qkv"),
             LinearLayer(f"{e}/attn/out", "dense", P("attn", "out", "kernel"), (t, dim), kernel_in_ndim=2,
                         residual=True),
-            LinearLayer(f"{e}/ln2", "diag", P("ln2", "scale"), (t, dim), residual=True, eps=LN_EPS),
+            LinearLayer(f"{e}/ln2", "diag", P("ln2", "scale"), (t, dim), residual=True, eps=LN_EPS,
+                        fold_into=(f"{e}/mlp1",)),
             LinearLayer(f"{e}/mlp1", "dense", P("mlp1", "kernel"), (t, dim), residual=True,
                         lipschitz=GELU_LIPSCHITZ),
             LinearLayer(f"{e}/mlp2", "dense", P("mlp2", "kernel"), (t, mlp), residual=True),
         ]
     layers += [
-        LinearLayer("norm", "diag", ("params", "norm", "scale"), (t, dim), eps=LN_EPS),
+        LinearLayer("norm", "diag", ("params", "norm", "scale"), (t, dim), eps=LN_EPS, fold_into=("head",)),
         LinearLayer("head", "dense", ("params", "head", "kernel"), (dim,)),
     ]
     return tuple(layers)

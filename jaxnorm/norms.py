@@ -1,9 +1,11 @@
-"""Spectral complexity R_A of a network (paper Eq. 2; Bartlett, Foster & Telgarsky 2017).
+"""Spectral complexity R_A of a network (paper Eq. 2; Bartlett, Foster & Telgarsky 2017), with certified
+bounds, the reference implementation's formula, and a zoo of cheaper norms.
 
     R_A = (prod_i rho_i ||A_i||_sigma) * (sum_i ||A_i^T - M_i^T||_{2,1}^{2/3} / ||A_i||_sigma^{2/3})^{3/2}
 
 The model describes its linear operators with a :class:`jaxnorm.layout.LinearLayer` tuple; this module reads
-the weights at ``layer.path`` and nothing else.
+the weights at ``layer.path`` (and ``var_path``) and nothing else. Every public function accepts variables held
+as jax or numpy arrays (e.g. loaded from a checkpoint).
 
 Conventions (decided here, used everywhere below)
 -------------------------------------------------
@@ -14,7 +16,7 @@ Conventions (decided here, used everywhere below)
   For a dense layer applied per token (``input_shape = (T, d_in)``), ``A = K^T (x) I_T`` acting on the whole
   token sequence -- the same convention as a conv, so a 1x1 conv and a per-token dense give identical
   numbers. ``||K^T (x) I_T||_sigma = ||K||_sigma``; only the ``"bartlett"`` (2,1) sum gains the factor T.
-* **(2,1) norm.** ``definition=`` picks one of ``DEFINITIONS``; each is computed exactly:
+* **(2,1) norm / formula.** ``definition=`` picks one of ``DEFINITIONS``; each is computed exactly:
 
   - ``"paper"`` (default for sweeps): the paper's text defines ``||B||_{2,1}`` as the *average* of the
     l2 norms of the columns of ``B``. Eq. 2 applies it to ``B = A^T - M^T``, whose columns are the rows of
@@ -24,48 +26,118 @@ Conventions (decided here, used everywhere below)
     whole operator, ``T * d_out`` or ``H_out * W_out * C_out``).
   - ``"paper_input"``: the other reading of the paper's sentence (average over the columns of ``A - M``
     itself): **mean over input units of the column norms of A - M**. Offered for comparison only.
+  - ``"deep_norm"``: **the reference implementation's formula** (``compute_model_norm`` in ``cnn/model.py``
+    and ``resnet/model.py`` of the authors' repository Francill99/deep_norm), on the raw weights of every
+    conv and dense entry of the layout in forward order (q, k, v separately; normalization layers ignored,
+    whatever ``norm_layers``/``attention`` say), M = 0, rho = 1:
+    ``W_i`` = the weight in PyTorch layout reshaped to ``(out, in * kh * kw)`` (= the Flax kernel reshaped to
+    ``(kh * kw * in, out)``, transposed; the column order does not change either norm);
+    ``s_i = ||W_i||_sigma`` (largest singular value of that matrix, *not* of the conv operator);
+    ``t_i = sum of the l2 norms of the columns of W_i``;
+    ``R = prod_i s_i * (sum_i (sum_{j>i} t_j)^{2/3} / s_i^{2/3})^{3/2}`` (the last layer's term is 0).
+    The per-layer ``l21`` reported is the layer's own ``t_i``. (Their ViT code, ``vit/model.py``, uses yet
+    another variant -- each layer's own sum of *row* norms, no suffix sum -- which is not offered here.)
 
-* **Reference matrices M_i.** ``M_i = 0`` unless ``layer.residual`` and the operator is square (output shape
-  equal to input shape): dense with ``d_in == d_out``; conv with stride 1, ``C_in == C_out`` and a padding
-  that keeps ``H, W`` (then the identity is the kernel with ``I`` at the tap that maps output ``p`` to input
-  ``p``, i.e. tap ``pad_lo``; ``A - I`` is the conv with that centre tap reduced by ``I``, exact for zero
-  padding); diag always. A residual layer that is not square keeps ``M = 0``. ``M`` enters only the (2,1)
-  term: the spectral factor is ``||A_i||_sigma`` as in Eq. 2.
+* **Normalization layers** (``norm_layers=``, one of ``NORM_LAYERS``):
+
+  - ``"fold"`` (default): a diag entry with ``fold_into`` is folded into those conv/dense kernels, as the
+    generalization-measure literature does (Jiang et al. 2019): eval-mode BatchNorm multiplies each output
+    channel of the conv that feeds it by ``scale / sqrt(running_var + eps)``; a pre-LN LayerNorm's ``scale``
+    multiplies the input features of the layers that read it (q, k, v; mlp1; the head). Why: R_A is then a
+    function of the network -- rescaling a BN-fed kernel by c and its running variance by c^2 (or a
+    LayerNorm scale by c and the next kernel by 1/c) leaves the network *and* R_A unchanged. The
+    normalization's ``1/std`` (BatchNorm's batch statistics at train time, LayerNorm's per-token std) is
+    not a fixed linear map and stays out, as in the literature. Biases are never included.
+  - ``"exclude"``: drops diag entries (R_A then changes under the rescaling above).
+  - ``"include"``: counts each scale as a separate diagonal operator ``diag(s) (x) I``, ``s = scale``
+    (LayerNorm) or ``scale / sqrt(running_var + eps)`` (BatchNorm). For comparison only.
+
+* **Attention** (``attention=``, one of ``ATTENTIONS``; entries sharing a layout ``stack`` name):
+
+  - ``"stacked"`` (default): q, k, v are **one operator** ``[q; k; v]: (T, d) -> (T, 3d)``, their kernels
+    concatenated along the output axis. Why: Eq. 2 is a bound for a *composition* of maps; q, k and v are
+    applied in parallel to the same input, so counting them as three factors of the product chain (as if
+    applied in sequence) multiplies R_A by two spurious spectral norms. ``[q; k; v]`` is not square, so
+    M = 0 for it (next point). The output projection stays its own operator.
+  - ``"separate"``: q, k, v are three factors of the chain (the previous behaviour, and the authors' ViT code).
+
+* **Reference matrices M_i.** ``M_i = I`` only where a *square* operator (output shape equal to input
+  shape) sits on a branch with an identity shortcut (``layer.residual``): dense with ``d_in == d_out``;
+  conv with stride 1, ``C_in == C_out`` and a padding that keeps ``H, W`` (then the identity is the kernel
+  with ``I`` at the tap that maps output ``p`` to input ``p``, i.e. tap ``pad_lo``; ``A - I`` is the conv with
+  that centre tap reduced by ``I``, exact for zero padding); diag always. Why: only a square map can be
+  compared with the identity it perturbs; a non-square map on the branch (ViT mlp1/mlp2, ``[q; k; v]``,
+  a stride-2 conv) has no identity to be compared with and keeps ``M = 0``. Which layers get ``M = I``:
+  ResNet convs of blocks without downsampling, ViT ``attn/out`` (and q, k, v with ``attention="separate"``).
+  ``M`` enters only the (2,1) term: the spectral factor is ``||A_i||_sigma`` as in Eq. 2. A folded BN's
+  ``residual`` flag is that of its conv.
 * **Lipschitz constants rho_i** are ``layer.lipschitz`` from the layout, used as given. ReLU: 1 (exact).
   GELU: its exact Lipschitz constant is max_x d/dx[x Phi(x)] = 1.1289 (at x = sqrt 2); a layout that
   stores 1 for GELU uses the common approximation. Softmax attention is not globally Lipschitz; what the
-  layout stores for it is an approximation chosen by ``jaxnorm.models``.
-* **Normalization layers** (``kind="diag"``): ``norm_layers="exclude"`` (default) drops them, as Eq. 2 is
-  stated for the weight matrices of the network and LayerNorm is not a linear map (its ``1/std`` factor
-  depends on the input). ``norm_layers="include"`` counts each scale as the diagonal operator
-  ``diag(s) (x) I``, with ``s = scale`` (LayerNorm) or ``s = scale / sqrt(running_var + eps)`` (BatchNorm at
-  inference, the linear part of its eval-mode map). Biases are never included.
+  layout stores for it is an approximation chosen by ``jaxnorm.models``. A stacked operator takes the
+  first member's rho.
 
-Computation
------------
-* Dense: ``dense_method="svd"`` (exact, default) takes the largest singular value of the ``(d_in, d_out)``
-  kernel matrix; ``"power"`` uses warm-started power iteration like convs.
-* Conv: power iteration on ``A^T A`` through the real convolution (Flax's NHWC/HWIO layout and zero
-  padding, computed as strided slices + a matmul, which vmaps over replicas into a batched matmul) and its exact transpose (``jax.linear_transpose``), warm-started from the
-  previous evaluation's right singular vector kept in a state pytree (:func:`init_norm_state`). Each
-  iteration estimates ``sigma = ||A^T A v|| / ||A v||`` (a lower bound, tighter than ``||A v||``); the loop
-  runs at least ``min_iters`` and stops when the relative change of the estimate falls below ``tol``
-  (or at ``max_iters``). Without a state (``state=None``) it cold-starts from a fixed random vector.
-* Conv (2,1) norms exactly: squared row norms of the unrolled matrix = ``conv(ones(H, W, C_in), K*K)``
-  (each output sums the squared taps that land inside the padded input); squared column norms = the
-  transposed conv of ``K*K`` applied to ``ones(H_out, W_out, C_out)``.
-* All functions are pure, jit-able and vmappable over a leading replica axis (see
-  :func:`spectral_complexity_fn`); no host round trip.
-* The product of spectral norms is formed in log space so that deep nets do not overflow float32
-  (``log=True`` returns ``log R_A``). A layer with ``||A||_sigma = 0`` contributes 0 to the sum (the limit of
-  the scale-invariant ratio is irrelevant since the product is then 0), so ``R_A = 0``.
+Certified bounds on every spectral norm
+---------------------------------------
+Each operator norm is reported as an interval ``[spec, spec_upper]`` that contains ``||A||_sigma`` (up to
+float rounding), and R_A as ``[total, total_upper]`` (R_A is nondecreasing in every ``||A_i||_sigma``, so the
+endpoints are R_A at the lower and at the upper norms).
+
+* Lower bound ``spec``: power iteration on ``A^T A`` through the real convolution (Flax's NHWC/HWIO layout and
+  zero padding, computed as strided slices + a matmul, which vmaps over replicas into a batched matmul) and
+  its exact transpose (``jax.linear_transpose``), warm-started from the previous evaluation's vector kept in
+  a state pytree (:func:`init_norm_state`). For any vector, ``||A^T A v|| / ||A v|| <= ||A||_sigma``: every
+  reading is a certified lower bound, whatever the number of iterations.
+* Upper bound ``spec_upper`` of a conv: the zero-padded, strided conv on an ``H x W`` input is (after a
+  permutation) a sub-matrix of a stride-1 *circular* conv: pad explicitly, rewrite the stride-s conv as a
+  stride-1 conv on the s x s polyphase components (``C_in s^2`` channels, kernel ``ceil(k/s)``), and embed
+  that valid conv in the circular conv on the ``ceil(H_pad/s) x ceil(W_pad/s)`` torus, whose norm is the
+  largest singular value of the kernel's DFT over frequencies (Sedghi et al. 2019). Each frequency's
+  ``C x C_out`` matrix is bounded from above by Gram iteration (Delattre et al. 2023:
+  ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at every t). The bound is exact
+  for non-overlapping patch convs (ViT's patch embedding) and loose by the circulant-vs-Toeplitz gap
+  otherwise. Measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
+  LeNet conv1 1.9%, conv2 7-8% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in
+  stage 2, 0.9-9.5% in stage 3 (8 px); with 19 such factors R_A's interval is [R, 1.33 R] for ResNet-20.
+  A tighter zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
+* Dense layers: ``dense_method="svd"`` (default) -- exact up to float rounding (the top eigenvalue of the
+  smaller Gram matrix ``K^T K`` or ``K K^T``, 15x faster than a batched SVD on XLA:CPU), ``spec_upper = spec``;
+  ``"power"`` -- power iteration
+  with a Gram-iteration upper bound of the kernel matrix.
+* Stopping rule: at least ``min_iters`` iterations; then stop when the certified relative gap
+  ``spec_upper / spec - 1 <= tol``, or when the estimate's relative change is ``<= tol``, or at ``max_iters``.
+  A layer that stops at ``max_iters`` with both above ``tol`` is *unconverged*; :func:`evaluate` counts them
+  (``unconverged``), so no reading is silent. The reported gap is certified either way; the relative change
+  is not an error bound (a slowly converging power iteration changes little per step).
+
+Norm zoo (:func:`norm_zoo`; Jiang et al. 2019, "Fantastic generalization measures and where to find them")
+--------------------------------------------------------------------------------------------------------
+Scalars per replica, on the same operators as R_A (after folding and stacking, ``norm_layers="fold"``):
+``frob_prod`` = prod_i ||K_i||_F (Frobenius norm of each kernel tensor, product over layers);
+``spec_prod`` = prod_i ||A_i||_sigma (operator norms, R_A's first factor without rho);
+``group21`` = sum_i of the (2,1) norm of the reshaped weight ``(out, in * kh * kw)``: sum over its columns (input
+units) of their l2 norms (the authors' ``compute_group_2_1_norm``);
+``dist_frob`` = sqrt(sum_i ||K_i - K_i(0)||_F^2) (distance from initialization);
+``dist_spectral`` = Eq. 2 with ``M_i = A_i(0)`` (the (2,1) norms of ``A_i - A_i(0)`` by ``definition``; "paper" for
+``deep_norm``);
+``path_l2`` = sqrt(sum_k f_{w^2}(1)_k): the model's forward pass (``apply_fn``) with every kernel squared, the
+folded BN scales squared, biases and BN means zero, on the all-ones input (max pooling applied as is). It is
+NaN for layouts with LayerNorm (LayerNorm maps the constant input to 0: the l2 path norm is not defined by this
+forward pass for transformers).
+``dist_*`` are NaN without initial variables.
+
+All functions are pure, jit-able and vmappable over a leading replica axis (see :func:`spectral_complexity_fn`).
+The product of spectral norms is formed in log space so that deep nets do not overflow float32
+(``log=True`` returns ``log R_A``). A layer with ``||A||_sigma = 0`` contributes 0 to the sum (the product is
+then 0), so ``R_A = 0``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +145,10 @@ from jax import lax
 
 from jaxnorm.layout import Layout, LinearLayer, get_path
 
-DEFINITIONS = ("paper", "bartlett", "paper_input")
-NORM_LAYERS = ("exclude", "include")
+OPERATOR_DEFINITIONS = ("paper", "bartlett", "paper_input")  # Eq. 2 on the operators
+DEFINITIONS = OPERATOR_DEFINITIONS + ("deep_norm",)
+NORM_LAYERS = ("fold", "exclude", "include")
+ATTENTIONS = ("stacked", "separate")
 DENSE_METHODS = ("svd", "power")
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -200,13 +274,14 @@ def _safe_div(a, b):
 # ----------------------------------------------------------------------------------------------
 
 
-def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol):
+def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol, upper=None):
     """Largest singular value of a linear map by power iteration on A^T A.
 
     Args:
       matvec: x -> A x, rmatvec: y -> A^T y (exact transpose).
       v0: start vector (any shape matvec accepts), nonzero.
-      min_iters, max_iters: iteration bounds; tol: stop when |sigma_k - sigma_{k-1}| <= tol * sigma_k.
+      min_iters, max_iters: iteration bounds; tol: stop when |sigma_k - sigma_{k-1}| <= tol * sigma_k, or
+        when a certified upper bound ``upper`` (scalar, optional) is within ``(1 + tol) sigma_k``.
 
     Returns:
       (sigma, v, iters, delta): estimate, unit right singular vector estimate (shape of v0), iterations run,
@@ -223,12 +298,17 @@ def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol):
         # ||A^T A v|| / ||A v|| >= ||A v|| for unit v (Cauchy-Schwarz), and <= sigma_max.
         new_sigma = _safe_div(nw, nu).astype(dtype)
         new_v = jnp.where(nw > 0, w / jnp.where(nw > 0, nw, 1), v).astype(dtype)
+        # Components of the unit vector along small singular directions decay geometrically into subnormals,
+        # which x86 CPUs process ~100x slower (measured: a warm LeNet evaluation 3 s instead of ~0.1 s). Entries
+        # below 1e-30 are set to 0; any vector gives a certified lower bound, so nothing is lost.
+        new_v = jnp.where(jnp.abs(new_v) < 1e-30, jnp.zeros((), dtype), new_v)
         delta = _safe_div(jnp.abs(new_sigma - sigma), new_sigma).astype(dtype)
         return i + 1, new_v, new_sigma, delta
 
     def cond(carry):
-        i, _, _, delta = carry
-        return (i < min_iters) | ((i < max_iters) & (delta > tol))
+        i, _, sigma, delta = carry
+        open_gap = True if upper is None else upper > (1 + tol) * sigma
+        return (i < min_iters) | ((i < max_iters) & (delta > tol) & open_gap)
 
     init = (jnp.asarray(0, jnp.int32), v0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
     i, v, sigma, delta = lax.while_loop(cond, body, init)
@@ -261,6 +341,7 @@ def conv_operator_norm(
     Returns:
       Scalar ||A||_sigma in kernel's dtype (a lower bound that converges from below).
     """
+    kernel = jnp.asarray(kernel)
     strides = _pair(strides, "strides")
     padding = _padding(padding)
     input_shape = tuple(int(s) for s in input_shape)
@@ -303,6 +384,71 @@ def conv_row_col_sq_norms(kernel, input_shape, strides=1, padding="SAME"):
 
 
 # ----------------------------------------------------------------------------------------------
+# Certified upper bounds
+# ----------------------------------------------------------------------------------------------
+
+
+def gram_upper_bound(mats: jax.Array, iters: int = 6) -> jax.Array:
+    """Certified upper bound of the largest singular value of each matrix (Gram iteration, Delattre et al. 2023).
+
+    ``sigma_1(W)^(2^t) = sigma_1(G_t)`` with ``G_0 = W``, ``G_{t+1} = G_t^H G_t``, and ``sigma_1 <= ||.||_F``; the
+    iterates are rescaled by their Frobenius norm (tracked in log space), so nothing overflows.
+
+    Args:
+      mats: [..., m, n] real or complex. iters: t >= 0 (the bound tightens quadratically in t; the worst case,
+        equal singular values, is loose by a factor min(m, n)^(1/2^t)).
+
+    Returns:
+      [...] real upper bounds (>= the largest singular value in exact arithmetic).
+    """
+    g = mats
+    if g.shape[-2] < g.shape[-1]:  # the smaller Gram side: same sigma_1
+        g = jnp.swapaxes(g, -1, -2)
+    real_dtype = jnp.real(g).dtype
+    log_c = jnp.zeros(g.shape[:-2], real_dtype)
+    for _ in range(iters):
+        f = jnp.sqrt(jnp.sum(jnp.abs(g) ** 2, axis=(-2, -1)))
+        ok = f > 0
+        fs = jnp.where(ok, f, 1)
+        g = g / fs[..., None, None].astype(g.dtype)
+        # Entries below 1e-20 of the (unit) Frobenius norm -- far below float rounding -- are set to 0: the
+        # repeated squaring would otherwise turn them into subnormals, which x86 CPUs process ~100x slower
+        # (measured: a LeNet norm evaluation after training took 4 s instead of tens of ms).
+        g = jnp.where(jnp.abs(g) < 1e-20, jnp.zeros((), g.dtype), g)
+        log_c = 2 * (log_c + jnp.log(fs))
+        g = jnp.matmul(jnp.conj(jnp.swapaxes(g, -1, -2)), g, precision=_HI)
+    f = jnp.sqrt(jnp.sum(jnp.abs(g) ** 2, axis=(-2, -1)))
+    return jnp.where(f > 0, jnp.exp((log_c + jnp.log(jnp.where(f > 0, f, 1))) / 2 ** iters), 0)
+
+
+def conv_upper_bound(kernel, input_shape, strides=1, padding="SAME", *, gram_iters: int = 6) -> jax.Array:
+    """Certified upper bound of ``||A||_sigma`` for the zero-padded, strided conv (module docstring).
+
+    Args:
+      kernel: [kh, kw, C_in, C_out]; input_shape: (H, W, C_in); strides, padding: as :func:`conv_operator_norm`.
+      gram_iters: Gram iterations per frequency.
+
+    Returns:
+      Scalar upper bound (the circular polyphase embedding's norm, bounded by Gram iteration).
+    """
+    kernel = jnp.asarray(kernel)
+    strides = _pair(strides, "strides")
+    padding = _padding(padding)
+    kh, kw, cin, cout = kernel.shape
+    h, w = int(input_shape[0]), int(input_shape[1])
+    (lo_h, hi_h), (lo_w, hi_w) = _explicit_pads((h, w), (kh, kw), strides, padding)
+    sh, sw = strides
+    mh, mw = -(-(h + lo_h + hi_h) // sh), -(-(w + lo_w + hi_w) // sw)
+    ku, kv = -(-kh // sh), -(-kw // sw)
+    # Polyphase kernel: Kp[u, v, (a, b, c), o] = K[s u + a, s v + b, c, o] (0 outside the kernel).
+    kp = jnp.pad(kernel, ((0, ku * sh - kh), (0, kv * sw - kw), (0, 0), (0, 0)))
+    kp = kp.reshape(ku, sh, kv, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(ku, kv, sh * sw * cin, cout)
+    # A real kernel's DFT has K(-f) = conj K(f): half of the frequencies suffice (rfft).
+    spec = jnp.fft.rfftn(kp, s=(mh, mw), axes=(0, 1))  # [mh, mw//2+1, C, C_out]
+    return jnp.max(gram_upper_bound(spec.reshape(-1, sh * sw * cin, cout), gram_iters))
+
+
+# ----------------------------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------------------------
 
@@ -311,22 +457,56 @@ def _stateful(layout: Layout) -> tuple[LinearLayer, ...]:
     return tuple(l for l in layout if l.kind in ("conv", "dense"))
 
 
-def init_norm_state(layout: Layout, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+def _layout_leaves(variables: Mapping[str, Any], layout: Layout) -> tuple:
+    """The arrays the layout reads (kernels, scales, running variances), in layout order, as jnp arrays."""
+    out = []
+    for layer in layout:
+        out.append(jnp.asarray(get_path(variables, layer.path)))
+        if layer.var_path is not None:
+            out.append(jnp.asarray(get_path(variables, layer.var_path)))
+    return tuple(out)
+
+
+def _from_leaves(leaves: Sequence[Any], layout: Layout) -> dict:
+    """Inverse of :func:`_layout_leaves`: a nested dict holding only the layout's paths."""
+    root: dict = {}
+    it = iter(leaves)
+
+    def put(path, value):
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    for layer in layout:
+        put(layer.path, next(it))
+        if layer.var_path is not None:
+            put(layer.var_path, next(it))
+    return root
+
+
+def init_norm_state(layout: Layout, key: jax.Array, dtype: Any = jnp.float32,
+                    init_variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Power-iteration state for one replica (vmap it, or pass per-replica keys, for R replicas).
 
     Args:
       layout: the model's layers.
       key: PRNG key of the random start vectors.
       dtype: dtype of the stored vectors.
+      init_variables: the replica's variables at initialization (optional): their layout arrays are kept in
+        the state (``"init"``) for the distance-from-initialization norms of :func:`norm_zoo` / :func:`evaluate`.
 
     Returns:
       ``{"v": tuple of unit vectors, one per conv/dense layer in layout order, each of shape
       layer.input_shape; "iters": int32 [n] iterations used at the last evaluation (0 for SVD layers);
-      "delta": [n] last relative change of the estimate}``. Tuples, not name-keyed dicts, so that layer
-      names with "/" never become checkpoint paths.
+      "delta": [n] last relative change of the estimate}`` (+ ``"init"``: tuple of arrays, when given).
+      Tuples, not name-keyed dicts, so that layer names with "/" never become checkpoint paths.
     """
     shapes = tuple(tuple(int(d) for d in layer.input_shape) for layer in _stateful(layout))
-    return _init_state(shapes, key, jnp.dtype(dtype))
+    state = _init_state(shapes, key, jnp.dtype(dtype))
+    if init_variables is not None:
+        state["init"] = _layout_leaves(init_variables, layout)
+    return state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -342,20 +522,156 @@ def _init_state(shapes, key, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-layer norms
+# The operators of Eq. 2: folding normalization layers, stacking attention projections
 # ----------------------------------------------------------------------------------------------
+
+
+class Operator(NamedTuple):
+    """One factor A_i of Eq. 2 after folding/stacking: ``layer`` gives its shapes (``kind`` conv/dense/diag),
+    ``kernel`` its weights (Flax layout; for diag the scale vector), ``state_index`` the power-iteration
+    vector it uses (None for diag)."""
+
+    name: str
+    layer: LinearLayer
+    kernel: jax.Array
+    state_index: int | None
+
+
+def _fold_scale(variables, layer) -> jax.Array:
+    s = jnp.asarray(get_path(variables, layer.path))
+    if layer.var_path is not None:
+        s = s / jnp.sqrt(jnp.asarray(get_path(variables, layer.var_path)) + layer.eps)
+    return s.reshape(-1)
+
+
+def operators(variables: Mapping[str, Any], layout: Layout, *, norm_layers: str = "fold",
+              attention: str = "stacked") -> list[Operator]:
+    """The operators A_i of Eq. 2 under the module's conventions (folding and stacking applied), in order.
+
+    Args:
+      variables: one replica's variables (jax or numpy arrays).
+      layout: the model's layers. norm_layers, attention: see the module docstring.
+
+    Returns:
+      list of :class:`Operator`.
+
+    Raises:
+      ValueError: a ``fold_into`` name that is not a conv/dense entry, or a scale whose length does not match
+        the kernel axis it multiplies.
+    """
+    _check_choice("norm_layers", norm_layers, NORM_LAYERS)
+    _check_choice("attention", attention, ATTENTIONS)
+    index = {l.name: i for i, l in enumerate(layout)}
+    kernels = {l.name: jnp.asarray(get_path(variables, l.path)) for l in layout if l.kind != "diag"}
+    if norm_layers == "fold":
+        for i, layer in enumerate(layout):
+            if layer.kind != "diag" or not layer.fold_into:
+                continue
+            s = _fold_scale(variables, layer)
+            for target in layer.fold_into:
+                if target not in kernels:
+                    raise ValueError(f"layer {layer.name!r}: fold_into {target!r} is not a conv/dense entry")
+                tl, k = layout[index[target]], kernels[target]
+                if index[target] < i:  # the diag scales the target's outputs (BatchNorm after a conv)
+                    if math.prod(k.shape[tl.kernel_in_ndim if tl.kind == "dense" else 3:]) != s.shape[0]:
+                        raise ValueError(f"layer {layer.name!r}: {s.shape[0]} channels, {target!r} outputs {k.shape}")
+                    kernels[target] = k * s.reshape(k.shape[tl.kernel_in_ndim if tl.kind == "dense" else 3:])
+                else:  # the target reads the diag's output (pre-LN LayerNorm): scale its input features
+                    if tl.kind != "dense" or k.shape[0] != s.shape[0] or tl.kernel_in_ndim != 1:
+                        raise ValueError(f"layer {layer.name!r}: cannot fold {s.shape[0]} scales into the "
+                                         f"inputs of {target!r} (kernel {k.shape})")
+                    kernels[target] = k * s.reshape((-1,) + (1,) * (k.ndim - 1))
+    ops: list[Operator] = []
+    j = 0
+    stacked: dict[str, int] = {}
+    for layer in layout:
+        if layer.kind == "diag":
+            if norm_layers == "include":
+                ops.append(Operator(layer.name, layer, _fold_scale(variables, layer), None))
+            continue
+        k = kernels[layer.name]
+        if attention == "stacked" and layer.stack:
+            d_in = math.prod(k.shape[: layer.kernel_in_ndim])
+            k2 = k.reshape(d_in, -1)
+            if layer.stack in stacked:
+                pos = stacked[layer.stack]
+                prev = ops[pos]
+                if prev.layer.input_shape != layer.input_shape or prev.kernel.shape[0] != d_in:
+                    raise ValueError(f"stack {layer.stack!r}: {layer.name!r} reads a different input")
+                ops[pos] = prev._replace(kernel=jnp.concatenate([prev.kernel, k2], axis=1))
+            else:
+                stacked[layer.stack] = len(ops)
+                ops.append(Operator(layer.stack, dataclasses.replace(layer, name=layer.stack, kernel_in_ndim=1),
+                                    k2, j))
+        else:
+            ops.append(Operator(layer.name, layer, k, j))
+        j += 1
+    return ops
+
+
+def operator_names(layout: Layout, *, definition: str = "paper", norm_layers: str = "fold",
+                   attention: str = "stacked") -> list[str]:
+    """Names of the operators counted in R_A (the keys of ``parts``), in forward order, without any arrays."""
+    _validate(definition, norm_layers, "svd", layout, attention)
+    if definition == "deep_norm":
+        return [l.name for l in layout if l.kind != "diag"]
+    names: list[str] = []
+    for layer in layout:
+        if layer.kind == "diag":
+            if norm_layers == "include":
+                names.append(layer.name)
+        elif attention == "stacked" and layer.stack:
+            if layer.stack not in names:
+                names.append(layer.stack)
+        else:
+            names.append(layer.name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-operator norms
+# ----------------------------------------------------------------------------------------------
+
+
+class Reading(NamedTuple):
+    """One operator's numbers: ``spec <= ||A||_sigma <= spec_upper``, ``l21`` its (2,1) term, power-iteration
+    ``v`` (new state vector), ``iters`` and ``delta`` (last relative change)."""
+
+    spec: jax.Array
+    spec_upper: jax.Array
+    l21: jax.Array
+    v: Any
+    iters: jax.Array
+    delta: jax.Array
 
 
 def _l21(rows_sq, cols_sq, n_copies, definition):
     """(2,1) term from squared row/col norms of one block, the block repeated n_copies times (K (x) I_T)."""
-    if definition == "paper":
+    if definition in ("paper", "deep_norm"):
         return jnp.mean(jnp.sqrt(jnp.maximum(rows_sq, 0)))
     if definition == "bartlett":
         return n_copies * jnp.sum(jnp.sqrt(jnp.maximum(rows_sq, 0)))
     return jnp.mean(jnp.sqrt(jnp.maximum(cols_sq, 0)))
 
 
-def _dense_parts(layer, kernel, v, definition, dense_method, pi_kw):
+def _matrix_norms(mats: Sequence[jax.Array]) -> list[jax.Array]:
+    """Largest singular value of each small matrix: sqrt of the top eigenvalue of its smaller Gram matrix.
+
+    All Gram matrices are zero-padded to one size (PSD: padding adds zero eigenvalues only) and go through *one*
+    ``eigvalsh``. Why: on XLA:CPU (2 cores) a program with a dozen independent batched LAPACK calls
+    (``eigvalsh`` or ``svd``; paper-size ViT, R = 4) deadlocked; one call cannot. And why not ``jnp.linalg.svd``:
+    the batched SVD of LeNet's three dense kernels (R = 4) took 108 ms, this 7 ms; they agreed to 5e-7.
+    """
+    if not mats:
+        return []
+    grams = [k.T @ k if k.shape[0] >= k.shape[1] else k @ k.T for k in mats]
+    d = max(g.shape[0] for g in grams)
+    stack = jnp.stack([jnp.pad(g, ((0, d - g.shape[0]), (0, d - g.shape[0]))) for g in grams])
+    top = jnp.linalg.eigvalsh(stack)[..., -1]
+    return [jnp.sqrt(jnp.maximum(top[i], 0)) for i in range(len(mats))]
+
+
+def _dense_dims(layer, kernel):
     d_in = math.prod(kernel.shape[: layer.kernel_in_ndim])
     n_in = math.prod(layer.input_shape)
     if d_in == 0 or n_in % d_in:
@@ -363,26 +679,37 @@ def _dense_parts(layer, kernel, v, definition, dense_method, pi_kw):
             f"layer {layer.name!r}: kernel {kernel.shape} with kernel_in_ndim={layer.kernel_in_ndim} "
             f"(d_in={d_in}) does not divide input_shape {layer.input_shape}"
         )
-    n_pos = n_in // d_in
-    k2 = kernel.reshape(d_in, -1)  # A = k2^T, y = A x
+    return d_in, n_in // d_in
+
+
+def _dense_l21(layer, kernel, definition, reference=None):
+    d_in, n_pos = _dense_dims(layer, kernel)
+    k2 = kernel.reshape(d_in, -1)
     d_out = k2.shape[1]
     km = k2
-    if layer.residual and d_in == d_out:
+    if reference is not None:
+        km = k2 - reference.reshape(d_in, -1)
+    elif layer.residual and d_in == d_out:
         km = k2 - jnp.eye(d_in, dtype=k2.dtype)
-    rows_sq = jnp.sum(km * km, axis=0)  # output units: columns of the Flax kernel
-    cols_sq = jnp.sum(km * km, axis=1)  # input units
-    l21 = _l21(rows_sq, cols_sq, n_pos, definition)
-    if dense_method == "svd":
-        spec = jnp.linalg.svd(k2, compute_uv=False)[0]
-        return spec, l21, v, jnp.zeros((), jnp.int32), jnp.zeros((), v.dtype)
+    return _l21(jnp.sum(km * km, axis=0), jnp.sum(km * km, axis=1), n_pos, definition)
+
+
+def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters, spec=None):
+    d_in, n_pos = _dense_dims(layer, kernel)
+    k2 = kernel.reshape(d_in, -1)
+    l21 = _dense_l21(layer, kernel, definition)
+    if dense_method == "svd":  # spec: from _matrix_norms over all dense operators at once
+        spec = _matrix_norms([k2])[0] if spec is None else spec
+        return Reading(spec, spec, l21, v, jnp.zeros((), jnp.int32), jnp.zeros((), v.dtype))
+    upper = gram_upper_bound(k2, gram_iters)
     # Power iteration on K (x) I_T acting on the whole input, v of shape input_shape.
     matvec = lambda x: jnp.matmul(x.reshape(n_pos, d_in), k2, precision=_HI)
     rmatvec = lambda y: jnp.matmul(y, k2.T, precision=_HI).reshape(layer.input_shape)
-    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v.astype(k2.dtype), **pi_kw)
-    return spec, l21, v_new.astype(v.dtype), it, delta.astype(v.dtype)
+    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v.astype(k2.dtype), upper=upper, **pi_kw)
+    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype))
 
 
-def _conv_parts(layer, kernel, v, definition, pi_kw):
+def _conv_geometry(layer, kernel):
     strides = _pair(layer.strides, f"layer {layer.name!r} strides")
     padding = _padding(layer.padding)
     if kernel.ndim != 4 or kernel.shape[2] != layer.input_shape[2]:
@@ -390,34 +717,43 @@ def _conv_parts(layer, kernel, v, definition, pi_kw):
             f"layer {layer.name!r}: kernel {kernel.shape} (kh, kw, C_in, C_out) does not match "
             f"input_shape {layer.input_shape}"
         )
+    return strides, padding
+
+
+def _conv_l21(layer, kernel, definition, reference=None):
+    strides, padding = _conv_geometry(layer, kernel)
     km = kernel
-    if layer.residual:
+    if reference is not None:
+        km = kernel - reference
+    elif layer.residual:
         tap = _identity_tap(layer.input_shape, kernel.shape, strides, padding)
         if tap is not None:
             km = kernel.at[tap[0], tap[1]].add(-jnp.eye(kernel.shape[2], dtype=kernel.dtype))
     rows_sq, cols_sq = conv_row_col_sq_norms(km, layer.input_shape, strides, padding)
-    l21 = _l21(rows_sq, cols_sq, 1, definition)
+    return _l21(rows_sq, cols_sq, 1, definition)
+
+
+def _conv_reading(layer, kernel, v, definition, pi_kw, gram_iters):
+    strides, padding = _conv_geometry(layer, kernel)
+    l21 = _conv_l21(layer, kernel, definition)
+    upper = conv_upper_bound(kernel, layer.input_shape, strides, padding, gram_iters=gram_iters)
     matvec = functools.partial(_conv, kernel=kernel, strides=strides, padding=padding)
     v0 = v.astype(kernel.dtype)
     rmatvec = _transpose_of(matvec, v0)
-    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v0, **pi_kw)
-    return spec, l21, v_new.astype(v.dtype), it, delta.astype(v.dtype)
+    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v0, upper=upper, **pi_kw)
+    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype))
 
 
-def _diag_parts(layer, variables, definition):
-    s = get_path(variables, layer.path)
-    if layer.var_path is not None:
-        s = s / jnp.sqrt(get_path(variables, layer.var_path) + layer.eps)
-    s = s.reshape(-1)
+def _diag_reading(layer, s, definition, v_dtype):
     n_pos = math.prod(layer.input_shape) // s.shape[0]
     sm = s - 1 if layer.residual else s
     spec = jnp.max(jnp.abs(s))
     l21 = _l21(sm * sm, sm * sm, n_pos, definition)
-    return spec, l21
+    return Reading(spec, spec, l21, None, jnp.zeros((), jnp.int32), jnp.zeros((), v_dtype))
 
 
 # ----------------------------------------------------------------------------------------------
-# Eq. 2
+# Eq. 2 and the reference implementation's formula
 # ----------------------------------------------------------------------------------------------
 
 
@@ -441,48 +777,52 @@ def complexity_from_parts(spec, l21, lipschitz, *, log: bool = False) -> jax.Arr
     return out if log else jnp.exp(out)
 
 
-def _validate(definition, norm_layers, dense_method, layout):
+def deep_norm_from_parts(spec, l21, *, log: bool = False) -> jax.Array:
+    """The reference implementation's combination (``definition="deep_norm"``, module docstring).
+
+    Args:
+      spec: [L] ``s_i``; l21: [L] each layer's own ``t_i``; extra leading axes allowed (layer axis last).
+
+    Returns:
+      ``prod_i s_i * (sum_i (sum_{j>i} t_j)^{2/3} / s_i^{2/3})^{3/2}`` (or its log).
+    """
+    spec, l21 = jnp.asarray(spec), jnp.asarray(l21)
+    after = jnp.flip(jnp.cumsum(jnp.flip(l21, -1), axis=-1), -1) - l21  # sum_{j>i} t_j; 0 for the last layer
+    log_prod = jnp.sum(jnp.log(spec), axis=-1)
+    log_sum = 1.5 * jnp.log(jnp.sum(_safe_div(after, spec) ** (2.0 / 3.0), axis=-1))
+    out = log_prod + log_sum
+    return out if log else jnp.exp(out)
+
+
+def _deep_norm_readings(variables, layout, v_dtype):
+    """Per conv/dense entry (forward order): s_i, t_i of the raw weight reshaped to (in * kh * kw, out)."""
+    names, mats = [], []
+    for layer in layout:
+        if layer.kind == "diag":
+            continue
+        k = jnp.asarray(get_path(variables, layer.path))
+        d_in = math.prod(k.shape[:3]) if layer.kind == "conv" else math.prod(k.shape[: layer.kernel_in_ndim])
+        names.append(layer.name)
+        mats.append(k.reshape(d_in, -1))  # = (PyTorch weight (out, in*kh*kw))^T up to a column permutation
+    out = {}
+    for name, k2, s in zip(names, mats, _matrix_norms(mats)):
+        t = jnp.sum(jnp.sqrt(jnp.sum(k2 * k2, axis=1)))  # PyTorch: sum of the l2 norms of the columns
+        out[name] = Reading(s, s, t, None, jnp.zeros((), jnp.int32), jnp.zeros((), v_dtype))
+    return out
+
+
+def _validate(definition, norm_layers, dense_method, layout, attention="stacked"):
     _check_choice("definition", definition, DEFINITIONS)
     _check_choice("norm_layers", norm_layers, NORM_LAYERS)
     _check_choice("dense_method", dense_method, DENSE_METHODS)
+    _check_choice("attention", attention, ATTENTIONS)
     names = [l.name for l in layout]
     if len(set(names)) != len(names):
         raise ValueError(f"layer names must be unique; got {names}")
 
 
-def spectral_complexity(
-    variables: Mapping[str, Any],
-    layout: Layout,
-    state: Mapping[str, Any] | None = None,
-    *,
-    definition: str = "paper",
-    norm_layers: str = "exclude",
-    dense_method: str = "svd",
-    min_iters: int = 2,
-    max_iters: int = 500,
-    tol: float = 1e-5,
-    log: bool = False,
-):
-    """Spectral complexity R_A (paper Eq. 2) of one replica.
-
-    Args:
-      variables: the model's variables (one replica; vmap for R), read at each ``layer.path``.
-      layout: the model's ``LinearLayer`` tuple (static: close over it under jit).
-      state: power-iteration state from :func:`init_norm_state` or a previous call (warm start), or None
-        for a cold start from ``init_norm_state(layout, PRNGKey(0))``.
-      definition: (2,1) norm, one of ``DEFINITIONS`` (see module docstring).
-      norm_layers: ``"exclude"`` or ``"include"`` diag (LayerNorm/BatchNorm scale) layers.
-      dense_method: ``"svd"`` (exact) or ``"power"`` for dense spectral norms.
-      min_iters, max_iters, tol: power-iteration stopping rule (at least min_iters; then until the relative
-        change of the estimate is <= tol, or max_iters). Warm starts typically stop at min_iters.
-      log: return log R_A as ``total``.
-
-    Returns:
-      (total, parts, new_state): total scalar R_A (or log R_A); parts ``{layer.name: {"spec": ||A||_sigma,
-      "l21": ||A^T - M^T||_{2,1}}}`` for every counted layer (diag layers absent when excluded);
-      new_state with the same structure as ``state`` (``iters``/``delta`` report the stopping point).
-    """
-    _validate(definition, norm_layers, dense_method, layout)
+def _readings(variables, layout, state, definition, norm_layers, attention, dense_method, pi_kw, gram_iters):
+    """(readings {name: Reading}, lipschitz {name: rho}, new_state)."""
     if state is None:
         state = init_norm_state(layout, jax.random.PRNGKey(0))
     stateful = _stateful(layout)
@@ -491,49 +831,289 @@ def spectral_complexity(
             f"state has {len(state['v'])} vectors but the layout has {len(stateful)} conv/dense layers; "
             "build it with init_norm_state(layout, key)"
         )
-    pi_kw = dict(min_iters=min_iters, max_iters=max_iters, tol=tol)
-    parts, specs, l21s, rhos = {}, [], [], []
-    new_v, new_it, new_delta = [], [], []
-    j = 0
-    for layer in layout:
-        if layer.kind == "diag":
-            if norm_layers == "exclude":
-                continue
-            spec, l21 = _diag_parts(layer, variables, definition)
+    for j, layer in enumerate(stateful):
+        if tuple(state["v"][j].shape) != tuple(layer.input_shape):
+            raise ValueError(
+                f"state vector {j} has shape {state['v'][j].shape}, layer {layer.name!r} needs {layer.input_shape}"
+            )
+    v_dtype = state["delta"].dtype
+    if definition == "deep_norm":
+        readings = _deep_norm_readings(variables, layout, v_dtype)
+        return readings, {name: 1.0 for name in readings}, state
+    new_v, new_it, new_delta = list(state["v"]), list(state["iters"]), list(state["delta"])
+    readings, rhos = {}, {}
+    ops = operators(variables, layout, norm_layers=norm_layers, attention=attention)
+    dense = [o for o in ops if o.layer.kind == "dense"] if dense_method == "svd" else []
+    dense_spec = dict(zip([o.name for o in dense], _matrix_norms(
+        [o.kernel.reshape(_dense_dims(o.layer, o.kernel)[0], -1) for o in dense])))
+    for op in ops:
+        if op.layer.kind == "diag":
+            r = _diag_reading(op.layer, op.kernel, definition, v_dtype)
         else:
-            v = state["v"][j]
-            if tuple(v.shape) != tuple(layer.input_shape):
-                raise ValueError(
-                    f"state vector {j} has shape {v.shape}, layer {layer.name!r} needs {layer.input_shape}"
-                )
-            kernel = get_path(variables, layer.path)
-            if layer.kind == "dense":
-                spec, l21, v, it, delta = _dense_parts(layer, kernel, v, definition, dense_method, pi_kw)
+            v = state["v"][op.state_index]
+            if op.layer.kind == "dense":
+                r = _dense_reading(op.layer, op.kernel, v, definition, dense_method, pi_kw, gram_iters,
+                                   dense_spec.get(op.name))
             else:
-                spec, l21, v, it, delta = _conv_parts(layer, kernel, v, definition, pi_kw)
-            new_v.append(v)
-            new_it.append(it)
-            new_delta.append(delta.astype(state["delta"].dtype))
-            j += 1
-        parts[layer.name] = {"spec": spec, "l21": l21}
-        specs.append(spec)
-        l21s.append(l21)
-        rhos.append(layer.lipschitz)
-    if not specs:
+                r = _conv_reading(op.layer, op.kernel, v, definition, pi_kw, gram_iters)
+            new_v[op.state_index] = r.v
+            new_it[op.state_index] = r.iters
+            new_delta[op.state_index] = r.delta.astype(v_dtype)
+        readings[op.name] = r
+        rhos[op.name] = op.layer.lipschitz
+    new_state = {**state, "v": tuple(new_v), "iters": jnp.stack(new_it).astype(jnp.int32) if new_it else state["iters"],
+                 "delta": jnp.stack(new_delta) if new_delta else state["delta"]}
+    return readings, rhos, new_state
+
+
+def _combine(readings, rhos, definition, which, log):
+    names = list(readings)
+    if not names:
         raise ValueError("spectral_complexity: the layout has no layer to count")
-    dtype = jnp.result_type(*specs)
-    total = complexity_from_parts(
-        jnp.stack([s.astype(dtype) for s in specs]),
-        jnp.stack([x.astype(dtype) for x in l21s]),
-        jnp.asarray(rhos, dtype),
-        log=log,
-    )
-    new_state = {
-        "v": tuple(new_v),
-        "iters": jnp.stack(new_it).astype(jnp.int32) if new_it else state["iters"],
-        "delta": jnp.stack(new_delta) if new_delta else state["delta"],
+    spec = [getattr(readings[n], which) for n in names]
+    dtype = jnp.result_type(*spec)
+    spec = jnp.stack([s.astype(dtype) for s in spec])
+    l21 = jnp.stack([readings[n].l21.astype(dtype) for n in names])
+    if definition == "deep_norm":
+        return deep_norm_from_parts(spec, l21, log=log)
+    return complexity_from_parts(spec, l21, jnp.asarray([rhos[n] for n in names], dtype), log=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm zoo
+# ----------------------------------------------------------------------------------------------
+
+ZOO = ("frob_prod", "spec_prod", "group21", "dist_frob", "dist_spectral", "path_l2")
+
+
+def _path_norm_variables(variables, layout):
+    """Variables of the l2 path norm's forward pass: kernels squared, biases 0, BN folded then squared."""
+    bn = {l.path[:-1]: l for l in layout if l.kind == "diag" and l.var_path is not None}
+
+    def walk(node, path):
+        if not isinstance(node, Mapping):
+            return jnp.asarray(node)
+        out = {}
+        for key, val in node.items():
+            p = path + (key,)
+            if isinstance(val, Mapping):
+                out[key] = walk(val, p)
+            elif key == "kernel":
+                out[key] = jnp.asarray(val) ** 2
+            elif key in ("bias", "mean"):
+                out[key] = jnp.zeros_like(jnp.asarray(val))
+            elif key == "var" and p[0] == "batch_stats":
+                layer = next((l for l in bn.values() if l.var_path == p), None)
+                out[key] = jnp.full_like(jnp.asarray(val), 1.0 - (layer.eps if layer else 0.0))
+            elif key == "scale" and p[1:-1] and ("params",) + p[1:-1] in bn:
+                layer = bn[("params",) + p[1:-1]]
+                out[key] = _fold_scale(variables, layer).reshape(jnp.shape(val)) ** 2
+            elif key == "scale":
+                out[key] = jnp.asarray(val) ** 2
+            else:
+                out[key] = jnp.asarray(val)
+        return out
+
+    return walk(variables, ())
+
+
+def path_norm(variables, layout, apply_fn, input_shape) -> jax.Array:
+    """l2 path norm sqrt(sum_k f_{w^2}(1)_k) by one forward pass (Jiang et al. 2019; module docstring).
+
+    Args:
+      variables: one replica's variables; layout: the model's layers.
+      apply_fn: ``(variables, x [1, H, W, C]) -> logits [1, K]`` (eval mode).
+      input_shape: (H, W, C) of one example.
+
+    Returns:
+      Scalar; NaN for layouts with LayerNorm (diag entries without ``var_path``).
+    """
+    if any(l.kind == "diag" and l.var_path is None for l in layout):
+        return jnp.asarray(jnp.nan, jnp.float32)
+    pv = _path_norm_variables(variables, layout)
+    dtype = jnp.result_type(*jax.tree.leaves(pv["params"]))
+    out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
+    return jnp.sqrt(jnp.sum(out))
+
+
+def norm_zoo(variables, layout, init_variables=None, *, spec=None, apply_fn=None, input_shape=None,
+             definition: str = "paper", norm_layers: str = "fold", attention: str = "stacked") -> dict:
+    """The zoo of cheap norms (module docstring) of one replica, one scalar each.
+
+    Args:
+      variables: one replica's variables (jax or numpy arrays); layout: the model's layers.
+      init_variables: the same replica's variables at initialization (or None: ``dist_*`` are NaN).
+      spec: {operator name: ||A_i||_sigma} already computed (e.g. ``parts`` of :func:`spectral_complexity`
+        with the same ``norm_layers``/``attention``); None computes them (exact SVD / tight power iteration).
+      apply_fn, input_shape: the model's eval-mode forward pass ``(variables, x) -> logits`` and one example's
+        shape, for ``path_l2`` (NaN without them).
+      definition: (2,1) norm of ``dist_spectral`` ("paper" when "deep_norm").
+      norm_layers, attention: which operators (as in :func:`spectral_complexity`; "include" counts diag scales).
+
+    Returns:
+      {name: scalar} for every name in ``ZOO``.
+    """
+    _validate(definition, norm_layers, "svd", layout, attention)
+    l21_def = "paper" if definition == "deep_norm" else definition
+    ops = operators(variables, layout, norm_layers=norm_layers, attention=attention)
+    ops0 = None
+    if init_variables is not None:
+        ops0 = {o.name: o for o in operators(init_variables, layout, norm_layers=norm_layers, attention=attention)}
+    if spec is None:
+        readings, _, _ = _readings(variables, layout, None, "paper", norm_layers, attention, "svd",
+                                   dict(min_iters=2, max_iters=2000, tol=1e-6), 6)
+        spec = {n: r.spec for n, r in readings.items()}
+    dtype = jnp.result_type(*[o.kernel for o in ops])
+    nan = jnp.asarray(jnp.nan, dtype)
+    log_frob, log_spec, group, dist_sq, ratios, log_spec_rho = [], [], [], [], [], []
+    for o in ops:
+        k = o.kernel
+        s = jnp.asarray(spec[o.name], dtype)
+        log_frob.append(jnp.log(jnp.sqrt(jnp.sum(k * k))))
+        log_spec.append(jnp.log(s))
+        log_spec_rho.append(jnp.log(s) + math.log(o.layer.lipschitz))
+        if o.layer.kind == "diag":
+            group.append(jnp.sum(jnp.abs(k)))
+        else:
+            d_in = math.prod(k.shape[:3]) if o.layer.kind == "conv" else math.prod(k.shape[: o.layer.kernel_in_ndim])
+            k2 = k.reshape(d_in, -1)
+            group.append(jnp.sum(jnp.sqrt(jnp.sum(k2 * k2, axis=1))))
+        if ops0 is not None:
+            k0 = ops0[o.name].kernel
+            dist_sq.append(jnp.sum((k - k0) ** 2))
+            if o.layer.kind == "conv":
+                l21 = _conv_l21(o.layer, k, l21_def, reference=k0)
+            elif o.layer.kind == "dense":
+                l21 = _dense_l21(o.layer, k, l21_def, reference=k0)
+            else:
+                n_pos = math.prod(o.layer.input_shape) // k.shape[0]
+                l21 = _l21((k - k0) ** 2, (k - k0) ** 2, n_pos, l21_def)
+            ratios.append(_safe_div(l21, s) ** (2.0 / 3.0))
+    out = {
+        "frob_prod": jnp.exp(jnp.sum(jnp.stack(log_frob))),
+        "spec_prod": jnp.exp(jnp.sum(jnp.stack(log_spec))),
+        "group21": jnp.sum(jnp.stack(group)),
+        "dist_frob": jnp.sqrt(jnp.sum(jnp.stack(dist_sq))) if ops0 is not None else nan,
+        "dist_spectral": (jnp.exp(jnp.sum(jnp.stack(log_spec_rho)) + 1.5 * jnp.log(jnp.sum(jnp.stack(ratios))))
+                          if ops0 is not None else nan),
+        "path_l2": (path_norm(variables, layout, apply_fn, input_shape).astype(dtype)
+                    if apply_fn is not None and input_shape is not None else nan),
     }
-    return total, parts, new_state
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+class NormResult(NamedTuple):
+    """Everything logged at one evaluation of one replica (add a leading R axis under vmap).
+
+    Fields:
+      total: R_A from the lower bounds ``spec`` (the reading); total_upper: R_A from ``spec_upper``
+        (``total <= R_A <= total_upper``); max_gap: max over operators of ``spec_upper / spec - 1``;
+      unconverged: int32, operators whose power iteration stopped at ``max_iters`` with gap and change > tol;
+      parts: {operator name: {"spec", "spec_upper", "l21"}}; zoo: {name: scalar} (:func:`norm_zoo`; empty when
+        not requested); state: the new power-iteration state.
+    """
+
+    total: jax.Array
+    total_upper: jax.Array
+    max_gap: jax.Array
+    unconverged: jax.Array
+    parts: dict
+    zoo: dict
+    state: dict
+
+
+def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=None, input_shape=None,
+             zoo: bool = True, definition: str = "paper", norm_layers: str = "fold", attention: str = "stacked",
+             dense_method: str = "svd", min_iters: int = 2, max_iters: int = 500, tol: float = 1e-5,
+             gram_iters: int = 6, log: bool = False) -> NormResult:
+    """R_A with its certified interval, the zoo, and the new state, for one replica (pure; vmap for R).
+
+    Args:
+      variables: one replica's variables (jax or numpy arrays).
+      layout: the model's layers (static: close over it under jit).
+      state: from :func:`init_norm_state` or a previous call (warm start), or None (cold start from
+        ``init_norm_state(layout, PRNGKey(0))``). Its ``"init"`` arrays, when present, serve as
+        ``init_variables``.
+      init_variables: variables at initialization, for ``dist_*`` (overrides the state's).
+      apply_fn, input_shape: for the zoo's ``path_l2`` (see :func:`norm_zoo`).
+      zoo: compute the zoo.
+      definition, norm_layers, attention, dense_method: module docstring.
+      min_iters, max_iters, tol: stopping rule (module docstring, "Certified bounds").
+      gram_iters: Gram iterations of the upper bounds.
+      log: ``total``/``total_upper`` as log R_A.
+
+    Returns:
+      :class:`NormResult`.
+    """
+    _validate(definition, norm_layers, dense_method, layout, attention)
+    pi_kw = dict(min_iters=min_iters, max_iters=max_iters, tol=tol)
+    readings, rhos, new_state = _readings(variables, layout, state, definition, norm_layers, attention,
+                                          dense_method, pi_kw, gram_iters)
+    total = _combine(readings, rhos, definition, "spec", log)
+    total_upper = _combine(readings, rhos, definition, "spec_upper", log)
+    gaps = jnp.stack([_safe_div(r.spec_upper - r.spec, r.spec) for r in readings.values()])
+    unconverged = jnp.sum(jnp.stack([
+        (r.iters >= max_iters) & (r.delta > tol) & (_safe_div(r.spec_upper - r.spec, r.spec) > tol)
+        for r in readings.values()]).astype(jnp.int32))
+    parts = {n: {"spec": r.spec, "spec_upper": r.spec_upper, "l21": r.l21} for n, r in readings.items()}
+    zoo_out = {}
+    if zoo:
+        if init_variables is None and state is not None and "init" in state:
+            init_variables = _from_leaves(state["init"], layout)
+        op_readings = readings
+        if definition == "deep_norm":  # the zoo is on the operators: read them too, warm-started from the state
+            op_readings, _, new_state = _readings(variables, layout, state, "paper", norm_layers, attention,
+                                                  dense_method, pi_kw, gram_iters)
+        zoo_out = norm_zoo(
+            variables, layout, init_variables, spec={n: r.spec for n, r in op_readings.items()},
+            apply_fn=apply_fn, input_shape=input_shape, definition=definition,
+            norm_layers=norm_layers, attention=attention)
+    return NormResult(total, total_upper, jnp.max(gaps), unconverged, parts, zoo_out, new_state)
+
+
+def spectral_complexity(
+    variables: Mapping[str, Any],
+    layout: Layout,
+    state: Mapping[str, Any] | None = None,
+    *,
+    definition: str = "paper",
+    norm_layers: str = "fold",
+    attention: str = "stacked",
+    dense_method: str = "svd",
+    min_iters: int = 2,
+    max_iters: int = 500,
+    tol: float = 1e-5,
+    gram_iters: int = 6,
+    log: bool = False,
+):
+    """Spectral complexity R_A (paper Eq. 2, or the reference implementation's formula) of one replica.
+
+    Args:
+      variables: the model's variables (one replica; vmap for R), jax or numpy arrays.
+      layout: the model's ``LinearLayer`` tuple (static: close over it under jit).
+      state: power-iteration state from :func:`init_norm_state` or a previous call (warm start), or None
+        for a cold start from ``init_norm_state(layout, PRNGKey(0))``.
+      definition: one of ``DEFINITIONS`` (module docstring; ``"deep_norm"`` = the authors' formula).
+      norm_layers: ``"fold"`` (default), ``"exclude"`` or ``"include"`` normalization layers.
+      attention: ``"stacked"`` (q, k, v as one operator) or ``"separate"``.
+      dense_method: ``"svd"`` (exact) or ``"power"`` for dense spectral norms.
+      min_iters, max_iters, tol, gram_iters: stopping rule and upper bounds (module docstring).
+      log: return log R_A as ``total``.
+
+    Returns:
+      (total, parts, new_state): total scalar R_A (or log R_A) from the certified lower bounds; parts
+      ``{operator name: {"spec", "spec_upper", "l21"}}``; new_state with the structure of ``state``
+      (``iters``/``delta`` report the stopping point). :func:`evaluate` also returns the upper R_A and the zoo.
+    """
+    r = evaluate(variables, layout, state, zoo=False, definition=definition, norm_layers=norm_layers,
+                 attention=attention, dense_method=dense_method, min_iters=min_iters, max_iters=max_iters,
+                 tol=tol, gram_iters=gram_iters, log=log)
+    return r.total, r.parts, r.state
 
 
 def spectral_complexity_fn(layout: Layout, *, batched: bool = True, jit: bool = True, **options):
@@ -552,9 +1132,10 @@ def spectral_complexity_fn(layout: Layout, *, batched: bool = True, jit: bool = 
     """
     _validate(
         options.get("definition", "paper"),
-        options.get("norm_layers", "exclude"),
+        options.get("norm_layers", "fold"),
         options.get("dense_method", "svd"),
         layout,
+        options.get("attention", "stacked"),
     )
     f = lambda variables, state=None: spectral_complexity(variables, layout, state, **options)
     if batched:
