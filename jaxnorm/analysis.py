@@ -1095,6 +1095,11 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
 GAMMA1_WINDOW_FRACTION = 2.0 / 3.0
 # Stability (in jackknife-over-P sigmas) that a pooled q1 needs to be kept (fit_gamma1).
 Q1_JACKKNIFE_Z = 3.0
+# F-test level below which a q1 > 0 that the rule above does not keep still counts as a
+# plausible model: gamma1's sigma (and gamma_opt's, whose Eq. 6 shares q1) then carries the
+# q1 model uncertainty. At Q_ALPHA alone the study's q1 != 0 scenario covered 52 % (the
+# realisations whose F test gave p = 0.010-0.013 had the no-q1 fit's small sigma).
+Q1_AMBIGUOUS_ALPHA = 0.05
 
 
 def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw: dict,
@@ -1181,7 +1186,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
         # information-criterion weights, between-model term included. Not otherwise: the bend
         # of every window into its elbow gives the q1 fit some weight on pure power laws too
         # (averaging always over-covered: 88-92 % in the study's base scenario).
-        ambiguous = bool((f.q_test or {}).get("p") is not None and f.q_test["p"] < alpha
+        ambiguous = bool((f.q_test or {}).get("p") is not None
+                         and f.q_test["p"] < max(alpha, Q1_AMBIGUOUS_ALPHA)
                          and (f.q_test.get("q") or 0) > 0 and not f.q_kept)
         try:
             f0 = fit_power_law(lam, eps, with_q=False)
@@ -1199,7 +1205,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
                 s_sel = s_jk
                 s_jk = _averaged_sigma((-f.a, s_sel), alt, wq if alt_q else 1 - wq)
                 f = dataclasses.replace(f, q_test={**(f.q_test or {}), "model_average": {
-                    "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt)}})
+                    "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt),
+                    "q1_alternative": [float(f1.q), float(f1.sigma_q)] if alt_q else None}})
     return f, s_jk, q_jk
 
 
@@ -1800,6 +1807,22 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
     if not authors:
         for k in ("gamma2", "gamma2_bracketed", "gamma_opt", "gamma_opt_bracketed", "gamma_end"):
             out[k] = _t_scaled(out[k])
+    ma = ((g1.q_test or {}).get("model_average") or {}) if g1.determined else {}
+    go = out["gamma_opt"]
+    if (not authors and ma.get("q1_alternative") and go.determined and not go.q_kept
+            and (go.detail or {}).get("t_factor") is not None):
+        # gamma1's fit without q1 was kept though a floor q1 > 0 is plausible: Eq. 6 has the
+        # same q1, so gamma_opt carries that model uncertainty too (same weights).
+        alt = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha,
+                            q1=tuple(ma["q1_alternative"]))
+        if alt.determined and alt.q_kept:
+            alt = _t_scaled(alt)
+            sig = _averaged_sigma((go.value, go.sigma), (alt.value, alt.sigma), ma["w_q"])
+            out["gamma_opt"] = dataclasses.replace(go, sigma=sig, detail={
+                **go.detail, "q1_model_average": {"w_q1": ma["w_q"], "sigma_selected": go.sigma,
+                                                  "alternative": [alt.value, alt.sigma]}})
+            if out["gamma_opt_bracketed"] is go:
+                out["gamma_opt_bracketed"] = out["gamma_opt"]
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
