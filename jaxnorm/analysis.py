@@ -1002,8 +1002,8 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
     latest ``max_start`` points after the bend out of it ends (where the local slope first
     reaches (1 - ``plateau``) of the steepest). A curve that decays from its first point has
     neither (the window starts within its first ``max_start + 1`` points). On the authors'
-    ResNet/MNIST curves the window
-    of P <= 6000 was otherwise that plateau (log-log slopes 0.02-0.17).
+    ResNet/MNIST curves the window of P <= 6000 was otherwise that plateau (log-log slopes
+    0.02-0.17).
 
     Args:
       lam, eps: one curve, shape [T], lambda increasing.
@@ -1182,8 +1182,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
     if s_jk is not None:  # n_P - 1 degrees of freedom: +-sigma a 68 % interval (Student t)
         s_jk *= _t68(len(per) - 1)
         # The q1 model uncertainty (the reported q1 keeps the calibrated rule above): when the
-        # F test asks for a q1 > 0 that the jackknife rule then rejects, sigma is averaged over the fits without and with q1,
-        # information-criterion weights, between-model term included. Not otherwise: the bend
+        # F test gives p < Q1_AMBIGUOUS_ALPHA for a q1 > 0 that the rules do not keep, sigma is
+        # averaged over the fits without and with q1, information-criterion weights, between-model term included. Not otherwise: the bend
         # of every window into its elbow gives the q1 fit some weight on pure power laws too
         # (averaging always over-covered: 88-92 % in the study's base scenario).
         ambiguous = bool((f.q_test or {}).get("p") is not None

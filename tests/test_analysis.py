@@ -395,6 +395,25 @@ def test_model_averaged_sigma_carries_the_q_term_uncertainty():
     assert e.sigma >= (fq.sigma_a * t3 if e.q_kept else f0.sigma_a * t2) * math.sqrt(min(wq, 1 - wq))
 
 
+def test_gamma_opt_carries_the_q1_model_uncertainty():
+    # A q1 != 0 realisation (bench scenario, seed 5) where Eq. 3's F test gives p < 0.05 for a
+    # q1 > 0 that the rules do not keep: gamma1's sigma is model-averaged, and gamma_opt (Eq. 6
+    # shares q1) averages its fit without q1 with the one at the alternative q1, same weights.
+    df = B.generate({**B.BASE, "q1": -1.0}, np.random.default_rng(5))
+    s = _analyze(df)
+    g1, go = s["gamma1"], s["gamma_opt"]
+    ma = g1["q_test"]["model_average"]
+    assert not g1["q_kept"] and g1["q_test"]["p"] < A.Q1_AMBIGUOUS_ALPHA and ma["q1_alternative"][0] > 0
+    qa = go["detail"]["q1_model_average"]
+    assert qa["w_q1"] == ma["w_q"] and not go["q_kept"]
+    alt, sel = qa["alternative"], qa["sigma_selected"]
+    w = qa["w_q1"]
+    assert go["sigma"] == pytest.approx(math.sqrt((1 - w) * sel ** 2 + w * (alt[1] ** 2 + (alt[0] - go["value"]) ** 2)))
+    # With the floor the eps_opt(P) law is steeper (truth 0.4; the pure law is biased low).
+    assert alt[0] > go["value"] + 0.02
+    assert abs(go["value"] - 0.4) < go["sigma"] + 0.01
+
+
 def test_q_rule_false_positive_rate():
     # The issue's calibration: 200 pure power laws (8 P, 2 % noise): q kept in <= 5 %
     # (F test at Q_ALPHA = 0.01: measured 2/200).
