@@ -976,18 +976,34 @@ def collapse_optima(curves: dict, opt_P: pd.DataFrame, *, degree: int = 4) -> pd
 # Early power law (Eq. 3): window detection and gamma1
 # ----------------------------------------------------------------------------------------------
 
+# Fraction of a curve's steepest local log-log slope that ends its initial plateau
+# (detect_elbow): an untrained network sits at chance level, and the early power-law decay of
+# Eq. 3 starts only where the error has left it.
+PLATEAU_DROP = 1.0 / 3.0
+
+
 def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
-                 min_points: int = 5, max_points: int = 400, max_start: int = 2) -> dict:
+                 min_points: int = 5, max_points: int = 400, max_start: int = 2,
+                 plateau: float = PLATEAU_DROP) -> dict:
     """Finds the pure power-law early window of a learning curve and its elbow.
 
-    Grid search over the windows [i, j] before the curve's minimum that start at one of the
-    curve's first ``max_start + 1`` points: a window is a power law when a straight line in
+    Grid search over the windows [i, j] before the curve's minimum that start early (below): a
+    window is a power law when a straight line in
     (log lambda, log eps) fits it to within the noise (reduced chi^2 below 1 + z sqrt(2/(n-2)),
     the chi^2 tail at z sigmas) with a negative slope. The widest such window in log lambda is
     the early phase of Eq. 3; its right end is lambda_elbow, where the curve departs from the
     power law by more than noise. The early phase is where training starts (Sec. 3.2): without
     the start constraint, a long, nearly flat late stretch of a saturating curve (within noise
-    a line too) would win and bias gamma1 towards 0.
+    a line too) would win and bias gamma1 towards 0. It starts where the curve has left its
+    initial plateau: a network at initialization sits at chance level and its error first stays
+    flat (Eq. 3's phase is a power-law *decay*). The leading points whose local log-log slope
+    (a line through min_points points) is shallower than ``plateau`` times the curve's steepest
+    local slope before its minimum are that plateau; the window starts after it and at the
+    latest ``max_start`` points after the bend out of it ends (where the local slope first
+    reaches (1 - ``plateau``) of the steepest). A curve that decays from its first point has
+    neither (the window starts within its first ``max_start + 1`` points). On the authors'
+    ResNet/MNIST curves the window of P <= 6000 was otherwise that plateau (log-log slopes
+    0.02-0.17).
 
     Args:
       lam, eps: one curve, shape [T], lambda increasing.
@@ -995,11 +1011,15 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
       z: tolerance of the chi^2 test in its own standard deviations.
       min_points: smallest window.
       max_points: longer curves are averaged down to this many points first.
-      max_start: latest index at which the early window may start (0 = the first point).
+      max_start: latest index, counted from the end of the bend out of the initial plateau
+        (from 0 on a curve without one), at which the early window may start.
+      plateau: fraction of the steepest local slope that ends the initial plateau (0: no
+        plateau rule, the window starts within the first ``max_start + 1`` points).
 
     Returns:
       dict i0, i1 (indices into the possibly averaged curve), lambda_start, lambda_elbow,
-      slope, noise (log eps per point), n_points; None entries if no window exists.
+      slope, noise (log eps per point), n_points, i_plateau (first index past the initial
+      plateau); None entries if no window exists.
 
     Raises:
       ValueError: fewer than min_points points before the minimum.
@@ -1043,17 +1063,29 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
         # a smooth departure from the power law shows up here long before it moves chi^2.
         qq = C4 - C2 ** 2 / nw - C3 ** 2 / C2
         dsse = np.where(qq > 0, (D2 - T0 * C2 / nw - D1 * C3 / C2) ** 2 / qq, 0.0) / sigma ** 2
+    # The initial plateau: the leading points whose local slope (min_points-point lines) is
+    # shallower than ``plateau`` times the steepest local slope before the minimum.
+    loc = (j - i == min_points - 1) & (C2 > 0)
+    steep = float(np.min(slope[loc])) if loc.any() else 0.0
+    k0 = k1 = 0
+    if steep < 0 and plateau > 0:
+        off = i[loc][slope[loc] <= plateau * steep]
+        k0 = int(off.min()) if off.size else 0
+        # ... and the bend out of it ends where the local slope reaches (1 - plateau) of the
+        # steepest: the window may start anywhere in that bend (the widest one wins).
+        on = i[loc][(slope[loc] <= (1 - plateau) * steep) & (i[loc] >= k0)]
+        k1 = int(on.min()) if on.size else k0
     ok = ((chi2r <= 1.0 + z * np.sqrt(2.0 / (nw - 2))) & (dsse <= z * z) & (slope < 0)
-          & (C2 > 0) & (i <= max_start))
+          & (C2 > 0) & (i >= k0) & (i <= k1 + max_start))
     if not ok.any():
         return {"i0": None, "i1": None, "lambda_start": None, "lambda_elbow": None,
-                "slope": None, "noise": noise, "n_points": 0}
+                "slope": None, "noise": noise, "n_points": 0, "i_plateau": k0}
     span = np.where(ok, w[j] - w[i], -np.inf)
     best = np.flatnonzero(span >= span.max() - 1e-12)
     b = best[np.argmax(nw[best])]
     return {"i0": int(i[b]), "i1": int(j[b]), "lambda_start": float(np.exp(u[i[b]])),
             "lambda_elbow": float(np.exp(u[j[b]])), "slope": float(slope[b]),
-            "noise": float(noise), "n_points": int(nw[b])}
+            "noise": float(noise), "n_points": int(nw[b]), "i_plateau": k0}
 
 
 # Share (in ln lambda) of each detected early window that enters the gamma1 fit. The detection
@@ -1063,6 +1095,11 @@ def detect_elbow(lam, eps, *, sigma_floor: float = 0.003, z: float = 2.0,
 GAMMA1_WINDOW_FRACTION = 2.0 / 3.0
 # Stability (in jackknife-over-P sigmas) that a pooled q1 needs to be kept (fit_gamma1).
 Q1_JACKKNIFE_Z = 3.0
+# F-test level below which a q1 > 0 that the rule above does not keep still counts as a
+# plausible model: gamma1's sigma (and gamma_opt's, whose Eq. 6 shares q1) then carries the
+# q1 model uncertainty. At Q_ALPHA alone the study's q1 != 0 scenario covered 52 % (the
+# realisations whose F test gave p = 0.010-0.013 had the no-q1 fit's small sigma).
+Q1_AMBIGUOUS_ALPHA = 0.05
 
 
 def _window_fits(curves: dict, P_used: Iterable[int], log: list | None, elbow_kw: dict,
@@ -1145,11 +1182,12 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
     if s_jk is not None:  # n_P - 1 degrees of freedom: +-sigma a 68 % interval (Student t)
         s_jk *= _t68(len(per) - 1)
         # The q1 model uncertainty (the reported q1 keeps the calibrated rule above): when the
-        # F test asks for a q1 > 0 that the jackknife rule then rejects, sigma is averaged over the fits without and with q1,
-        # information-criterion weights, between-model term included. Not otherwise: the bend
+        # F test gives p < Q1_AMBIGUOUS_ALPHA for a q1 > 0 that the rules do not keep, sigma is
+        # averaged over the fits without and with q1, information-criterion weights, between-model term included. Not otherwise: the bend
         # of every window into its elbow gives the q1 fit some weight on pure power laws too
         # (averaging always over-covered: 88-92 % in the study's base scenario).
-        ambiguous = bool((f.q_test or {}).get("p") is not None and f.q_test["p"] < alpha
+        ambiguous = bool((f.q_test or {}).get("p") is not None
+                         and f.q_test["p"] < max(alpha, Q1_AMBIGUOUS_ALPHA)
                          and (f.q_test.get("q") or 0) > 0 and not f.q_kept)
         try:
             f0 = fit_power_law(lam, eps, with_q=False)
@@ -1167,7 +1205,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
                 s_sel = s_jk
                 s_jk = _averaged_sigma((-f.a, s_sel), alt, wq if alt_q else 1 - wq)
                 f = dataclasses.replace(f, q_test={**(f.q_test or {}), "model_average": {
-                    "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt)}})
+                    "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt),
+                    "q1_alternative": [float(f1.q), float(f1.sigma_q)] if alt_q else None}})
     return f, s_jk, q_jk
 
 
@@ -1748,7 +1787,8 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
             opt_P, P_used, "eps_opt", alpha=alpha, q1=q1, average_q=True)
         sub = opt_P[opt_P["P"].isin(list(P_used))]
         if not sub["bracketed"].astype(bool).all():
-            out["gamma2"], out["gamma_opt"], out["gamma2_end_convention"] = _censored_laws(sub)
+            (out["gamma2"], out["gamma_opt"], out["gamma2_end_convention"],
+             out["gamma_opt_end_convention"]) = _censored_laws(sub)
     out["gamma2_argmin"] = fit_gamma2(
         opt_P, P_used, column="lambda_argmin", require_bracketed=False, with_q=False,
         method="Appendix D definition: log-log line of the seed-mean curve's grid arg-min vs P")
@@ -1756,9 +1796,10 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         opt_P, P_used, column="lambda_seed_argmins", require_bracketed=False, with_q=False,
         method="authors' gamma2 input: log-log line of the mean over seeds of each seed's "
                "grid arg-min lambda vs P")
-    for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention"):
+    for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention",
+              "gamma_opt_end_convention"):
         out.setdefault(k, out["gamma2"] if k == "gamma2_bracketed" else
-                       out["gamma_opt"] if k == "gamma_opt_bracketed" else out["gamma2_argmin"])
+                       out["gamma_opt"] if k.startswith("gamma_opt") else out["gamma2_argmin"])
     g1 = out["gamma1"]
     out["gamma_end"] = fit_gamma_eps(opt_P, P_used, "eps_end", alpha=alpha,
                                      with_q=False if authors else "auto", average_q=not authors,
@@ -1766,6 +1807,22 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
     if not authors:
         for k in ("gamma2", "gamma2_bracketed", "gamma_opt", "gamma_opt_bracketed", "gamma_end"):
             out[k] = _t_scaled(out[k])
+    ma = ((g1.q_test or {}).get("model_average") or {}) if g1.determined else {}
+    go = out["gamma_opt"]
+    if (not authors and ma.get("q1_alternative") and go.determined and not go.q_kept
+            and (go.detail or {}).get("t_factor") is not None):
+        # gamma1's fit without q1 was kept though a floor q1 > 0 is plausible: Eq. 6 has the
+        # same q1, so gamma_opt carries that model uncertainty too (same weights).
+        alt = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha,
+                            q1=tuple(ma["q1_alternative"]))
+        if alt.determined and alt.q_kept:
+            alt = _t_scaled(alt)
+            sig = _averaged_sigma((go.value, go.sigma), (alt.value, alt.sigma), ma["w_q"])
+            out["gamma_opt"] = dataclasses.replace(go, sigma=sig, detail={
+                **go.detail, "q1_model_average": {"w_q1": ma["w_q"], "sigma_selected": go.sigma,
+                                                  "alternative": [alt.value, alt.sigma]}})
+            if out["gamma_opt_bracketed"] is go:
+                out["gamma_opt_bracketed"] = out["gamma_opt"]
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
@@ -1790,9 +1847,10 @@ def _t_scaled(e: Exponent) -> Exponent:
                                                              "sigma_unscaled": e.sigma})
 
 
-def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent]:
+def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent, Exponent]:
     """gamma2 and gamma_opt with the unbracketed minima as censored points, and the
-    end-of-training convention fit of gamma2 (the paper's: the lowest point taken as lambda_opt).
+    end-of-training convention fits of gamma2 and gamma_opt (the paper's: the lowest point taken
+    as the minimum, its lambda as lambda_opt and its error as eps_opt).
 
     An unbracketed minimum bounds the optimum (training stopped while eps was falling or
     flat): lambda_opt(P) >= ``lambda_bound``, the first point whose error is within the
@@ -1840,7 +1898,13 @@ def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent]:
                               "lambda_opt(P), the lowest point's lambda where the minimum is not "
                               "bracketed (a lower bound used as a value)",
                        detail={**det, "note": "unbracketed minima used as if they were minima"})
-    return g2, go, end
+    eps_low = np.where(br, sub["eps_opt"], sub["eps_argmin"]).astype(float)
+    end_eps = fit_exponent(P, eps_low, sign=-1, with_q=False,
+                           method="end-of-training convention for eps_opt(P): log-log line of "
+                                  "eps_opt(P), the lowest error where the minimum is not "
+                                  "bracketed (an upper bound used as a value)",
+                           detail={**det, "note": "unbracketed minima used as if they were minima"})
+    return g2, go, end, end_eps
 
 
 def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple | None = None,
@@ -1874,7 +1938,8 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
       JSON-ready summary dict: labels, choices, p_min, P_used, optima (per P), seed_optima,
       collapse quality, every exponent as a serialized :class:`Exponent` (gamma1,
       gamma1_appendix_d, gamma2 (censored fit when some P >= p_min are not bracketed),
-      gamma2_bracketed, gamma2_end_convention, gamma2_argmin, gamma2_seed_argmins, gamma_opt,
+      gamma2_bracketed, gamma2_end_convention, gamma_opt_end_convention, gamma2_argmin,
+      gamma2_seed_argmins, gamma_opt,
       gamma_opt_bracketed, gamma_end,
       gamma_meas = the one Table 1 uses, gamma_pred), comparison, thresholds, warnings,
       table1, table2.
@@ -1930,7 +1995,8 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
     s["collapse"] = collapse_quality(rescaled_curves(curves, opt_P, [P for P in P_used if P in ok]))
     s["collapse_all_P"] = collapse_quality(rescaled_curves(curves, opt_P, Ps))
     for name in ("gamma1", "gamma1_appendix_d", "gamma2", "gamma2_bracketed",
-                 "gamma2_end_convention", "gamma2_argmin", "gamma2_seed_argmins", "gamma_opt",
+                 "gamma2_end_convention", "gamma_opt_end_convention", "gamma2_argmin",
+                 "gamma2_seed_argmins", "gamma_opt",
                  "gamma_opt_bracketed", "gamma_end", "gamma_meas", "gamma_pred"):
         s[name] = core[name].to_dict()
     g1, g2, gm, gp = core["gamma1"], core["gamma2"], core["gamma_meas"], core["gamma_pred"]
