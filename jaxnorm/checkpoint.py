@@ -1,14 +1,14 @@
-"""Checkpoints of a sweep (orbax): the slots' replica states, the schedule and the results length.
+"""Checkpoints of a sweep: the slots' replica states, the schedule and the results length.
 
 Commit protocol (what makes a SIGKILL at any moment safe)
 --------------------------------------------------------
 1. Results rows are appended to the results file as they are computed (one ``write`` + ``fsync``
    per batch of rows, :class:`jaxnorm.results.Writer`); margin files are written tmp + rename.
-2. A checkpoint saves, in one orbax step, the host copy of every slot's
-   :class:`jaxnorm.replica.ReplicaState` and a JSON ``meta``: the slot pool's state
-   (:meth:`jaxnorm.schedule.SlotPool.state_dict`), the results file's byte length at that moment,
-   the wall time and the slot count. Saves are synchronous (``wait_until_finished``): orbax
-   renames a finished step into place, so a step directory either is complete or is ignored.
+2. A checkpoint saves, in one step directory, the host copy of every slot's
+   :class:`jaxnorm.replica.ReplicaState` (``state.npz``) and a JSON ``meta.json``: the slot pool's
+   state (:meth:`jaxnorm.schedule.SlotPool.state_dict`), the results file's byte length at that
+   moment, the wall time and the slot count. Both are written and fsynced in ``<step>.tmp`` and the
+   directory is renamed to ``<step>``, so a step directory either is complete or does not exist.
 3. A resume restores the latest step and truncates the results file to the recorded length:
    rows written after the checkpoint are dropped and recomputed, identically, since every random
    choice is re-derived from the replica keys (no PRNG state is stored).
@@ -17,10 +17,20 @@ during a save leaves the previous one.
 
 States are saved as host numpy arrays (no device shardings), so a run may resume on another
 device count: :func:`pad_slots` re-pads the slot axis to a multiple of the new count.
+
+Why not orbax: its multi-host model is one checkpoint shared by all processes (the primary host
+writes JSON and numpy items, processes meet at barriers). Here every process of a
+``jax.distributed`` run checkpoints its own slots on its own schedule; with orbax-checkpoint 0.12
+restricted to one process per manager (``MultiprocessingOptions(active_processes={i})``), the
+numpy arrays of process 1 were still never written (its restore failed: "parameter subdirectory
+not found"). A step here is a small ``.npz`` of host arrays and a JSON file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,52 +46,68 @@ def directory(run_dir: str | Path, process_index: int = 0, process_count: int = 
     return (d if process_count == 1 else d / f"p{process_index}").absolute()
 
 
-def _manager(path: Path):
-    import orbax.checkpoint as ocp
+KEEP = 2  # steps kept: a crash during a save leaves the previous one
+STATE_FILE, META_FILE = "state.npz", "meta.json"
 
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False, create=True))
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(path: Path, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` (a pytree of host arrays) and ``meta`` (JSON) as checkpoint ``step``."""
-    import orbax.checkpoint as ocp
+    """Saves ``state`` (a pytree of host arrays) and ``meta`` (JSON) as checkpoint ``step``.
 
-    mngr = _manager(path)
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
-    mngr.wait_until_finished()
-    mngr.close()
+    Written into ``<step>.tmp``, fsynced, then renamed to ``<step>``: a step directory is complete or
+    absent. Older steps beyond the last :data:`KEEP` are deleted afterwards.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    tmp, final = path / f"{step}.tmp", path / str(step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    leaves = jax.tree.leaves(state)
+    with open(tmp / STATE_FILE, "wb") as f:
+        np.savez(f, **{f"{i:05d}": np.asarray(a) for i, a in enumerate(leaves)})
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(path)
+    for old in _steps(path)[:-KEEP]:
+        shutil.rmtree(path / str(old), ignore_errors=True)
+
+
+def _steps(path: Path) -> list[int]:
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / META_FILE).exists())
 
 
 def latest_meta(path: Path) -> tuple[int, dict] | None:
-    """(step, meta) of the latest checkpoint under ``path``, or None."""
-    import orbax.checkpoint as ocp
-
+    """(step, meta) of the latest complete checkpoint under ``path``, or None."""
     if not path.exists():
         return None
-    mngr = _manager(path)
-    try:
-        step = mngr.latest_step()
-        if step is None:
-            return None
-        return step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    finally:
-        mngr.close()
+    steps = _steps(path)
+    if not steps:
+        return None
+    return steps[-1], json.loads((path / str(steps[-1]) / META_FILE).read_text())
 
 
 def restore_state(path: Path, step: int, abstract: Any) -> Any:
-    """The state of checkpoint ``step`` as host numpy arrays; ``abstract``: its shapes and dtypes."""
-    import orbax.checkpoint as ocp
-
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
-    mngr = _manager(path)
-    try:
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    finally:
-        mngr.close()
-    return jax.tree.map(np.asarray, state)
+    """The state of checkpoint ``step`` as host numpy arrays; ``abstract``: its pytree of shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    with np.load(path / str(step) / STATE_FILE) as z:
+        arrays = [z[f"{i:05d}"] for i in range(len(leaves))]
+    for a, want in zip(arrays, leaves):
+        if a.shape != tuple(want.shape) or a.dtype != want.dtype:
+            raise ValueError(f"checkpoint {path / str(step)} holds {a.dtype}{list(a.shape)} where the model needs "
+                             f"{want.dtype}{list(want.shape)}: another model or jaxnorm version; use another --out")
+    return jax.tree.unflatten(treedef, arrays)
 
 
 def pad_slots(state: Any, n_slots: int) -> Any:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -305,8 +306,12 @@ SCRIPT = textwrap.dedent("""
     from test_engine import synthetic, cfg_of
     from jaxnorm import engine
     cfg = cfg_of(**json.loads(sys.argv[2]))
-    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic(), **json.loads(sys.argv[3]))
-    print(json.dumps({{"devices": jax.device_count(), **s}}))
+    run_kw = json.loads(sys.argv[3])
+    if "distributed" in run_kw:  # [coordinator address, process count, process id]
+        addr, n, i = run_kw.pop("distributed")
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=i)
+    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic(), **run_kw)
+    print(json.dumps({{"devices": jax.local_device_count(), **s}}))
 """)
 COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
 
@@ -423,3 +428,45 @@ def test_run_started_on_one_device_resumes_on_two(base_run, tmp_path):
     assert rest["devices"] == 2
     assert 1 < rows_before < (run_dir / "results.csv").read_text().count("\n")
     _assert_same_run(run_dir, out0, rtol=RTOL, atol=ATOL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_processes(script, run_dir, kw: dict, run_kw: dict) -> list[dict]:
+    """One sweep on 2 processes of jax.distributed on localhost (1 CPU device each)."""
+    addr = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), json.dumps(kw),
+                               json.dumps({**run_kw, "distributed": [addr, 2, i]})],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_two_processes_of_jax_distributed_resume_and_merge_to_the_one_process_rows(base_run, tmp_path):
+    # Issue 12: every process runs the same command, takes jobs[i::2], writes its own shard of the
+    # one run directory; a rerun of the same command on every process resumes; results.load merges.
+    out0, _ = base_run
+    script = _script(tmp_path, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    kw = dict(checkpoint_epochs=1)
+    first = _two_processes(script, run_dir, kw, dict(stop_after_dispatches=2))
+    assert all(s["stopped"] for s in first)
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"p0", "p1"}
+    rest = _two_processes(script, run_dir, kw, {})
+    assert sorted((s["process_index"], s["process_count"], s["jobs"], s["finished"]) for s in rest) == \
+        [(0, 2, 2, 2), (1, 2, 2, 2)]
+    shards = [results._read(run_dir / f"results.p{i}.csv") for i in range(2)]
+    # LPT order (72, 0), (72, 1), (40, 0), (40, 1): process 0 takes jobs 0 and 2, process 1 jobs 1 and 3.
+    assert [sorted(set(zip(d.P, d.seed))) for d in shards] == [[(40, 0), (72, 0)], [(40, 1), (72, 1)]]
+    _assert_same_run(run_dir, out0, rtol=RTOL, atol=ATOL)
+    # The same directory run by one process is another layout: a clear error, nothing touched.
+    with pytest.raises(engine.RunDirMismatch, match="another number of processes"):
+        engine.run(cfg_of(**kw), run_dir, quiet=True, dataset=synthetic())
