@@ -7,7 +7,7 @@ fixed number of epochs and log, along the way, the test error against the spectr
   ``jaxnorm.schedule``   jobs, the slot pool, LPT refill, compaction, the event loop (no JAX)
   ``jaxnorm.replica``    one replica: typed state, pure train step, init, its key derivation
   ``jaxnorm.evaluate``   test/train loss and error, margins, spectral complexity of chosen slots
-  ``jaxnorm.checkpoint`` orbax save/restore and the crash-safe commit protocol
+  ``jaxnorm.checkpoint`` save/restore and the crash-safe commit protocol
   ``jaxnorm.results``    the results writer and reader
 
 Devices: replicas never communicate
@@ -191,7 +191,7 @@ def _versions() -> dict:
             return None
 
     return dict(jax=jax.__version__, jaxlib=ver("jaxlib"), flax=ver("flax"), optax=ver("optax"),
-                orbax_checkpoint=ver("orbax-checkpoint"), numpy=np.__version__, python=sys.version.split()[0],
+                numpy=np.__version__, python=sys.version.split()[0],
                 jaxnorm=ver("jaxnorm"), backend=jax.default_backend(), device_count=jax.device_count(),
                 process_count=jax.process_count(), devices=[str(d) for d in jax.local_devices()])
 
