@@ -8,7 +8,11 @@ Modules (imports flow one way, top to bottom):
   data       MNIST / Fashion-MNIST / CIFAR-10/100 loading and per-replica subsets
   models     CNN (LeNet-5), ResNet and ViT in Flax, vmappable over replicas
   norms      spectral complexity (Bartlett et al. 2017; paper Eq. 2)
-  engine     vmapped, sharded, checkpointed (P, seed) sweeps; results
+  schedule   jobs, the slot pool, LPT refill, compaction (no JAX)
+  replica    one replica: typed state, pure train step, init, its key derivation
+  evaluate   test/train error and loss, margins, spectral complexity of chosen slots
+  checkpoint crash-safe checkpoints; results: the results writer and reader
+  engine     the loop: (P, seed) sweeps sharded over devices and processes
   analysis   the fits of Eq. 3-6 and Appendix D; plots; CLIs sweep and analyze
   theory     replica theory of the fixed-norm perceptron (Sec. 2, App. A)
   perceptron gradient descent on the teacher-student perceptron
@@ -21,7 +25,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "layout", "data", "models", "norms", "engine", "results", "config",
+    "layout", "data", "models", "norms", "schedule", "replica", "evaluate", "checkpoint", "engine", "results",
+    "config",
     "analysis", "plots", "theory", "perceptron", "perceptron_report",
 )
 

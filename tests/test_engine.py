@@ -470,3 +470,23 @@ def test_two_processes_of_jax_distributed_resume_and_merge_to_the_one_process_ro
     # The same directory run by one process is another layout: a clear error, nothing touched.
     with pytest.raises(engine.RunDirMismatch, match="another number of processes"):
         engine.run(cfg_of(**kw), run_dir, quiet=True, dataset=synthetic())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-processes", "2"], "go with --distributed"),
+    (["--distributed", "--overwrite"], "delete the run directory first"),
+])
+def test_distributed_flags_are_checked_at_the_edge(argv, message, capsys, tmp_path):
+    from jaxnorm import sweep
+
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--arch", "cnn", "--dataset", "fashion_mnist", "--out", str(tmp_path / "x"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_distributed_needs_all_three_explicit_settings_or_none():
+    from jaxnorm import sweep
+
+    assert "go together" in sweep.init_distributed(coordinator_address="127.0.0.1:1234")
+    assert "allowed: 0 .. 1" in sweep.init_distributed("127.0.0.1:1234", 2, 5)
