@@ -32,6 +32,7 @@ venv: $(STAMP)
 # The newest releases: --upgrade-strategy eager re-resolves every dependency to its newest allowed
 # version at each (re)install. No tfds extra (TensorFlow's wheels lag new Pythons); the floor tests it.
 $(STAMP_NEW): pyproject.toml
+	@test -n "$(PYTHON_NEW)" || { echo "make test-new: no working python3.12 found; set PYTHON_NEW=/path/to/python3.12" >&2; exit 2; }
 	@test -x $(PY_NEW) || $(PYTHON_NEW) -m venv $(VENV_NEW)
 	$(PY_NEW) -m pip install -q --upgrade pip
 	$(PY_NEW) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'

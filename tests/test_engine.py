@@ -203,6 +203,15 @@ def test_train_step_is_traced_once(base_run):
     assert summary["traces"] == {"train": 1, "init": 1, "norms": 1, "eval_test": 1, "eval_train": 1}
 
 
+def test_simulated_schedule_is_the_trained_one(base_run):
+    # The engine and the idle-fraction simulator run the same event loop (SlotPool.next_dispatch).
+    _, summary = base_run
+    cfg = cfg_of()
+    sim = engine.schedule_lib.simulate_idle_fraction(cfg.P, cfg.seeds, cfg.epochs, cfg.batch_size, cfg.eval_epochs(),
+                                                     n_slots=summary["slots"], steps_per_dispatch=summary["steps_per_dispatch"])
+    assert (sim["busy_steps"], sim["idle_steps"]) == (summary["busy_replica_steps"], summary["idle_replica_steps"])
+
+
 def test_rerun_of_finished_sweep_is_noop(base_run, ds):
     out, _ = base_run
     before = (out / "results.csv").read_bytes()
