@@ -252,11 +252,14 @@ def main(argv=None) -> int:
         df = results.load(out)
         if len(df) and not args.distributed:
             files = plot(df, out / "curves.png")
-        elif len(df):
-            tmp = out / f"curves.{os.getpid()}.png"  # processes may finish together: write, then rename
-            plot(df, tmp)
-            os.replace(tmp, out / "curves.png")
-            files = [str(out / "curves.png")]
+        elif len(df):  # processes may finish together: plot into a folder of one's own, then rename
+            tmp = out / f".curves.{os.getpid()}"
+            tmp.mkdir(exist_ok=True)
+            plot(df, tmp / "curves.png")
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+                files.append(str(out / f.name))
+            tmp.rmdir()
     summary = {**summary, "run_dir": str(out), "seconds": round(time.time() - t0, 1), "plots": files}
     print(json.dumps(summary, indent=2))
     return 0
