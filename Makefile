@@ -1,16 +1,24 @@
 # jaxnorm: the two set-up commands of README.md are `make demo` and `make test`.
 # Both create the virtual environment .venv at the repo root when it is missing.
+# `make test` runs the suite twice: the floor (default Python, 3.11 here, in .venv) and the newest
+# releases that pyproject.toml allows (Python 3.12, in .venv-py312; jax >= 0.11 needs Python >= 3.12).
 SHELL := /bin/bash
 PYTHON ?= python3
+# A real python3.12 (pyenv's shim for a version that is not selected fails), else pyenv's own copy.
+PYTHON_NEW ?= $(shell for p in $$(type -ap python3.12) $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python 2>/dev/null); do $$p -V >/dev/null 2>&1 && echo $$p && break; done)
 VENV := .venv
+VENV_NEW := .venv-py312
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PY_NEW := $(VENV_NEW)/bin/python
+CKSUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(CKSUM)
+STAMP_NEW := $(VENV_NEW)/.installed-$(CKSUM)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Keep XLA from oversubscribing small machines; harmless elsewhere.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo test test-slow test-all bench perceptron clean
+.PHONY: venv venv-new data demo test test-floor test-new test-slow test-all bench perceptron clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +29,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The newest releases: --upgrade-strategy eager re-resolves every dependency to its newest allowed
+# version at each (re)install. No tfds extra (TensorFlow's wheels lag new Pythons); the floor tests it.
+$(STAMP_NEW): pyproject.toml
+	@test -n "$(PYTHON_NEW)" || { echo "make test-new: no working python3.12 found; set PYTHON_NEW=/path/to/python3.12" >&2; exit 2; }
+	@test -x $(PY_NEW) || $(PYTHON_NEW) -m venv $(VENV_NEW)
+	$(PY_NEW) -m pip install -q --upgrade pip
+	$(PY_NEW) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	@rm -f $(VENV_NEW)/.installed-*; touch $@
+
+venv-new: $(STAMP_NEW)
+
 # The embedded default dataset: Debian's real, full-size Fashion-MNIST (works offline).
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
@@ -30,8 +49,15 @@ data: $(FMNIST)
 demo: $(STAMP) $(FMNIST)
 	$(PY) -m jaxnorm.sweep --config sweeps/demo.toml --out runs/demo
 
-test: $(STAMP) $(FMNIST)
+test: test-floor test-new
+
+test-floor: $(STAMP) $(FMNIST)
+	$(PY) -c 'import jax, sys; print("== floor: Python", sys.version.split()[0], "jax", jax.__version__)'
 	$(PY) -m pytest -q
+
+test-new: $(STAMP_NEW) $(FMNIST)
+	$(PY_NEW) -c 'import jax, sys; print("== newest: Python", sys.version.split()[0], "jax", jax.__version__)'
+	$(PY_NEW) -m pytest -q
 
 test-slow: $(STAMP) $(FMNIST)
 	$(PY) -m pytest -q -m slow

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxnorm import config as config_lib  # noqa: E402
 from jaxnorm import data as data_lib  # noqa: E402
-from jaxnorm import engine, models  # noqa: E402
+from jaxnorm import engine, models, schedule  # noqa: E402
 
 B = 64
 # LeNet-5 on 28x28x1 ("SAME" conv1): multiply-accumulates per image, forward.
@@ -94,16 +94,17 @@ def bench_engine(ds, R: int, steps: int, K: int, unroll: int, conv_impl: str, ax
                                     scan_unroll=unroll, conv_impl=conv_impl, eval_at_init=False,
                                     replica_axis=axis,
                                     checkpoint_minutes=0.0))
-    eng = engine.Engine(cfg, "/tmp/_bench_engine_unused", dataset=ds, quiet=True)
-    sched = eng.sched
-    slots = eng._init_jobs(eng._fresh_slots(sched.n_slots), sched.fill())
+    eng = engine.Engine(cfg, "/tmp/_bench_engine_unused", dataset=ds)
+    pool = eng.pool
+    first = pool.next_dispatch()
+    slots = eng._init(eng.p.empty(pool.n_slots), first.rounds[0].new)
+    put = lambda a: jax.device_put(a, eng.sharded)
 
     def dispatch(slots):
-        n = sched.plan()
+        n = pool.next_dispatch().steps  # no evaluation before epoch 1 (eval_at_init=False)
         idx, w, act = eng._batches(n)
-        slots = eng._train(slots, eng.x_train, eng.y_train, jax.device_put(idx, eng.rep),
-                           jax.device_put(w, eng.rep), jax.device_put(act, eng.rep))
-        sched.advance(n)
+        slots = eng.p.train(slots, eng.x_train, eng.y_train, put(idx), put(w), put(act))
+        pool.advance(n)
         return slots, int(n.sum())
 
     state = {"slots": dispatch(slots)[0]}  # compile
@@ -114,7 +115,7 @@ def bench_engine(ds, R: int, steps: int, K: int, unroll: int, conv_impl: str, ax
         done = 0
         for _ in range(n_disp):
             state["slots"], k = dispatch(state["slots"])
-            np.asarray(state["slots"]["diverged"])  # the engine reads the divergence flags after every dispatch
+            np.asarray(state["slots"].diverged)  # the engine reads the divergence flags after every dispatch
             done += k
         return done * B
 
@@ -273,11 +274,11 @@ def idle_report() -> list[dict]:
     for name, (P, epochs, bs) in grids.items():
         ev = config_lib.eval_epochs(epochs, "every", 1, 60, True)
         for seeds in (5, 10):
-            jobs = engine.make_jobs(P, range(seeds), epochs, bs, ev)
+            jobs = schedule.make_jobs(P, range(seeds), epochs, bs, ev)
             for backend in ("cpu", "gpu"):
                 K = engine.default_steps_per_dispatch(backend)
                 R = engine.choose_slots(jobs, 0, 1, backend)
-                r = engine.simulate_idle_fraction(P, seeds, epochs, bs, ev, R, K)
+                r = schedule.simulate_idle_fraction(P, seeds, epochs, bs, ev, R, K)
                 rows.append(dict(grid=name, seeds=seeds, slots=R, steps_per_dispatch=K,
                                  idle_fraction=round(r["idle_fraction"], 4)))
                 print(f"{name:24s} seeds={seeds:2d} slots={R:3d} K={K:2d}  idle={r['idle_fraction']:.2%}",

@@ -8,8 +8,12 @@ Modules (imports flow one way, top to bottom):
   data       MNIST / Fashion-MNIST / CIFAR-10/100 loading and per-replica subsets
   models     CNN (LeNet-5), ResNet and ViT in Flax, vmappable over replicas
   norms      spectral complexity (Bartlett et al. 2017; paper Eq. 2)
+  schedule   jobs, the slot pool, LPT refill, compaction (no JAX)
+  replica    one replica: typed state, pure train step, init, its key derivation
+  evaluate   test/train error and loss, margins, spectral complexity of chosen slots
+  checkpoint crash-safe checkpoints; results: the results writer and reader
   rundir     run directories: lock, whose directory, late overwrite, results checksum
-  engine     vmapped, sharded, checkpointed (P, seed) sweeps; results
+  engine     the loop: (P, seed) sweeps sharded over devices and processes
   analysis   the fits of Eq. 3-6 and Appendix D; plots; CLIs sweep and analyze
   cli        the CLIs' edge: a user mistake is one `error:` line (exit 2), Ctrl-C exit 130
   theory     replica theory of the fixed-norm perceptron (Sec. 2, App. A)
@@ -23,7 +27,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "layout", "data", "models", "norms", "engine", "results", "config",
+    "layout", "data", "models", "norms", "schedule", "replica", "evaluate", "checkpoint", "engine", "results",
+    "config",
     "analysis", "plots", "theory", "perceptron", "perceptron_report", "rundir", "cli",
 )
 

@@ -91,6 +91,7 @@ channels-first 148 us.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -100,6 +101,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm.layout import Layout, LinearLayer
+
+ModuleDef = Any  # a Flax module class or a functools.partial of one
 
 MODELS = ("cnn", "resnet", "vit")
 SIZES = ("paper", "small")
@@ -168,7 +171,7 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None, arch: str = "c
     return "phase" if arch == "cnn" else "patches"
 
 
-def _explicit_pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding) -> list:
+def explicit_pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding) -> list:
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):
             raise ValueError(f"padding={padding!r}; allowed: 'SAME', 'VALID' or ((lo, hi), (lo, hi))")
@@ -192,7 +195,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", impl
     """
     kh, kw, cin, cout = kernel.shape
     strides = tuple(int(s) for s in strides)
-    pads = _explicit_pads(x.shape[1:3], (kh, kw), strides, padding)
+    pads = explicit_pads(x.shape[1:3], (kh, kw), strides, padding)
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -332,7 +335,7 @@ class ConvPoolReLU(nn.Module):
         cin = x.shape[0]
         kernel = self.param("kernel", torch_kernel_init, (kh, kw, cin, self.features))
         bias = self.param("bias", torch_bias_init(kh * kw * cin), (self.features,))
-        pads = _explicit_pads(x.shape[2:4], (kh, kw), (1, 1), self.padding)
+        pads = explicit_pads(x.shape[2:4], (kh, kw), (1, 1), self.padding)
         wt = kernel.reshape(kh * kw * cin, self.features).T
         if self.phase:
             p = _phase_patches(x, (kh, kw), pads)
@@ -386,30 +389,44 @@ class Dense(nn.Module):
 # Architectures
 # --------------------------------------------------------------------------- #
 class LeNet5(nn.Module):
-    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling. x: [B, H, W, C] -> [B, K]."""
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling. x: [B, H, W, C] -> [B, K].
+
+    ``conv`` (a ``Conv2D``-compatible module, as flax's imagenet example passes ``conv=nn.Conv``)
+    and ``pool`` (2x2 max pooling of [B, H, W, C]) choose the formulation; :class:`LeNet5Phase` is
+    the channels-first variant with fused conv -> pool blocks. Same parameters in all.
+    """
 
     num_classes: int
     conv: tuple[int, int] = (6, 16)
     fc: tuple[int, int] = (120, 84)
     conv1_padding: Any = "SAME"
-    impl: str = "xla"
+    conv_module: ModuleDef = Conv2D
+    pool: Callable = max_pool_2x2
+
+    def features(self, x):
+        x = self.conv_module(self.conv[0], (5, 5), padding=self.conv1_padding, name="conv1")(x)
+        x = self.pool(nn.relu(x))
+        x = self.conv_module(self.conv[1], (5, 5), padding="VALID", name="conv2")(x)
+        return self.pool(nn.relu(x))
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if self.impl == "phase":
-            h = jnp.transpose(x, (3, 0, 1, 2))  # [C, B, H, W]
-            h = ConvPoolReLU(self.conv[0], (5, 5), self.conv1_padding, phase=True, name="conv1")(h)
-            h = ConvPoolReLU(self.conv[1], (5, 5), "VALID", phase=False, name="conv2")(h)
-            x = jnp.transpose(h, (1, 2, 3, 0))  # back to [B, H, W, C]: fc1 reads (h, w, c) order
-        else:
-            x = Conv2D(self.conv[0], (5, 5), padding=self.conv1_padding, impl=self.impl, name="conv1")(x)
-            x = max_pool_2x2(nn.relu(x), self.impl)
-            x = Conv2D(self.conv[1], (5, 5), padding="VALID", impl=self.impl, name="conv2")(x)
-            x = max_pool_2x2(nn.relu(x), self.impl)
+        x = self.features(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(self.fc[0], name="fc1")(x))
         x = nn.relu(Dense(self.fc[1], name="fc2")(x))
         return Dense(self.num_classes, name="fc3")(x)
+
+
+class LeNet5Phase(LeNet5):
+    """LeNet-5 with channels-first conv -> max pool -> bias -> ReLU blocks (``ConvPoolReLU``): the
+    "phase" formulation, fastest on XLA:CPU (module docstring). Same parameters as :class:`LeNet5`."""
+
+    def features(self, x):
+        h = jnp.transpose(x, (3, 0, 1, 2))  # [C, B, H, W]
+        h = ConvPoolReLU(self.conv[0], (5, 5), self.conv1_padding, phase=True, name="conv1")(h)
+        h = ConvPoolReLU(self.conv[1], (5, 5), "VALID", phase=False, name="conv2")(h)
+        return jnp.transpose(h, (1, 2, 3, 0))  # back to [B, H, W, C]: fc1 reads (h, w, c) order
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -421,13 +438,13 @@ class BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
-    impl: str = "xla"
+    conv_module: ModuleDef = Conv2D
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         pad = "SAME" if self.stride == 1 else ((1, 1), (1, 1))  # PyTorch padding=1
-        conv = lambda s, p, n: Conv2D(  # noqa: E731
-            self.features, (3, 3), (s, s), p, use_bias=False, impl=self.impl, kernel_init=he_normal_init, name=n
+        conv = lambda s, p, n: self.conv_module(  # noqa: E731
+            self.features, (3, 3), (s, s), p, use_bias=False, kernel_init=he_normal_init, name=n
         )
         y = conv(self.stride, pad, "conv1")(x)
         y = nn.relu(_batch_norm(train, "bn1")(y))
@@ -448,18 +465,16 @@ class ResNetCifar(nn.Module):
     num_classes: int
     widths: tuple[int, ...] = (16, 32, 64)
     blocks: int = 3
-    impl: str = "xla"
+    conv_module: ModuleDef = Conv2D
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = Conv2D(
-            self.widths[0], (3, 3), use_bias=False, impl=self.impl, kernel_init=he_normal_init, name="conv1"
-        )(x)
+        x = self.conv_module(self.widths[0], (3, 3), use_bias=False, kernel_init=he_normal_init, name="conv1")(x)
         x = nn.relu(_batch_norm(train, "bn1")(x))
         for s, width in enumerate(self.widths):
             for b in range(self.blocks):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = BasicBlock(width, stride, self.impl, name=f"stage{s + 1}_block{b}")(x, train)
+                x = BasicBlock(width, stride, self.conv_module, name=f"stage{s + 1}_block{b}")(x, train)
         x = x.mean(axis=(1, 2))
         return Dense(self.num_classes, name="fc")(x)
 
@@ -496,12 +511,12 @@ class ViT(nn.Module):
     depth: int = 6
     heads: int = 4
     mlp: int = 128
-    impl: str = "xla"
+    conv_module: ModuleDef = Conv2D
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         p = self.patch
-        x = Conv2D(self.dim, (p, p), (p, p), "VALID", impl=self.impl, name="patch_embed")(x)
+        x = self.conv_module(self.dim, (p, p), (p, p), "VALID", name="patch_embed")(x)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, d))
@@ -713,15 +728,20 @@ def get_model(
     num_classes = int(num_classes)
     impl = resolve_conv_impl(conv_impl, arch=name)
     cfg = WIDTHS[name][size]
+    # The implementation is injected as modules (flax examples/imagenet: conv=nn.Conv), not threaded.
+    conv = functools.partial(Conv2D, impl=impl) if impl != "phase" else Conv2D
     if name == "cnn":
         # LeCun et al. padded 28x28 MNIST to 32x32: padding 2 on a 5x5 conv is "SAME".
         pad = "SAME" if input_shape[0] == 28 else "VALID"
-        module = LeNet5(num_classes, cfg["conv"], cfg["fc"], pad, impl)
+        if impl == "phase":
+            module = LeNet5Phase(num_classes, cfg["conv"], cfg["fc"], pad)
+        else:
+            module = LeNet5(num_classes, cfg["conv"], cfg["fc"], pad, conv, functools.partial(max_pool_2x2, impl=impl))
         layout = _cnn_layout(input_shape, num_classes, cfg["conv"], cfg["fc"], pad)
     elif name == "resnet":
-        module = ResNetCifar(num_classes, cfg["widths"], cfg["blocks"], impl)
+        module = ResNetCifar(num_classes, cfg["widths"], cfg["blocks"], conv)
         layout = _resnet_layout(input_shape, num_classes, cfg["widths"], cfg["blocks"])
     else:
-        module = ViT(num_classes, impl=impl, **cfg)
+        module = ViT(num_classes, conv_module=conv, **cfg)
         layout = _vit_layout(input_shape, num_classes, **cfg)
     return Model(name, input_shape, num_classes, size, impl, module, layout)

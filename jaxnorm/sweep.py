@@ -6,7 +6,7 @@
         [--size paper|small] [--batch-size N] [--steps-per-dispatch N] [--scan-unroll N]
         [--conv-impl auto|xla|patches|im2col|phase] [--test-subset N] [--margin-epochs 1,10,100]
         [--checkpoint-minutes M] [--checkpoint-epochs N] [--no-plot] [--cache-dir DIR|none]
-        [--cpu-devices N]
+        [--cpu-devices N] [--distributed [--coordinator-address HOST:PORT --num-processes N --process-id I]]
 
 Without ``--config`` the settings are the paper's for that (arch, dataset) pair (Appendix E;
 ``jaxnorm.config.paper_defaults``, mirrored by ``sweeps/<arch>_<dataset>.toml``); a config file
@@ -25,8 +25,15 @@ CPU devices: ``--cpu-devices N`` splits the host into N XLA CPU devices before J
 (``--xla_force_host_platform_device_count``; not when ``XLA_FLAGS`` already sets it), so the engine
 shards its replicas over them. Off by default: on the 2-core reference machine 2 devices trained
 LeNet-5 replicas 0.95x (R = 4) to 1.10x (R = 16) as fast as one 2-thread device
-(bench/bench_engine.py), and a 2-device run of sweeps/result_cnn_fashion_mnist.toml hung in an
-evaluation (waiting on the norms' result) several times, while the same run on one device finished.
+(bench/bench_engine.py). (Multi-device runs used to abort or hang in an evaluation: see
+``jaxnorm.engine``, "Devices".)
+
+Many hosts: ``--distributed`` calls ``jax.distributed.initialize()`` before anything else: on Slurm
+and Cloud TPU it finds the coordinator, the process count and this process's id itself; elsewhere
+pass ``--coordinator-address HOST:PORT --num-processes N --process-id I``. Every process runs the
+same command; process i trains its share of the jobs (``jaxnorm.schedule.process_share``) on its
+local devices into the same ``--out`` (a shared file system), and rerunning the command on every
+process resumes. ``curves.png`` is written by whichever process finds all shards finished.
 
 ``--arch perceptron`` runs ``jaxnorm.perceptron_report`` (``--alpha``, ``--out``, ``--quick`` ...).
 """
@@ -88,6 +95,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     ap.add_argument("--cpu-devices", type=int,
                     help="split the host into N XLA CPU devices (default: JAX's one CPU device)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="multi-process run over jax.distributed (one process per host; see above)")
+    ap.add_argument("--coordinator-address", help="with --distributed: HOST:PORT of process 0")
+    ap.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
+    ap.add_argument("--process-id", type=int, help="with --distributed: this process's id, 0 .. N-1")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                     help=f"persistent XLA compilation cache (default {DEFAULT_CACHE}; 'none' disables)")
     return ap
@@ -159,6 +171,34 @@ def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
     return n
 
 
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> str | None:
+    """``jax.distributed.initialize`` (auto-detection when all three are None); returns an error line or None."""
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        return ("--coordinator-address HOST:PORT, --num-processes N and --process-id I go together "
+                "(or none of them: auto-detection on Slurm and Cloud TPU)")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        return f"--process-id {process_id}; allowed: 0 .. {num_processes - 1} (--num-processes {num_processes})"
+    import jax
+
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except (ValueError, RuntimeError) as err:
+        return f"jax.distributed.initialize failed: {err}"
+    return None
+
+
+def all_shards_finished(out: Path) -> bool:
+    """Whether every process of the run in ``out`` wrote its summary (one process: ``summary.json``)."""
+    import jax
+
+    n = jax.process_count()
+    names = ["summary.json"] if n == 1 else [f"summary.p{i}.json" for i in range(n)]
+    return all((out / name).exists() for name in names)
+
+
 def main(argv=None) -> int:
     """The CLI; returns the exit code: 0, 2 (a user mistake: one ``error:`` line), 130 (Ctrl-C)."""
     return cli.guard(_main, argv)
@@ -183,6 +223,13 @@ def _main(argv=None) -> int:
     except ValueError as err:
         ap.error(str(err))
     out = Path(args.out or f"runs/{cfg.arch}_{cfg.dataset}")
+    explicit = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                    process_id=args.process_id)
+    if not args.distributed and any(v is not None for v in explicit.values()):
+        ap.error("--coordinator-address, --num-processes and --process-id go with --distributed")
+    if args.distributed and args.overwrite:
+        ap.error("--overwrite with --distributed: processes would delete each other's shards; "
+                 "delete the run directory first")
     try:
         set_cpu_devices(args.cpu_devices, jobs=len(cfg.P) * cfg.seeds)
     except ValueError as err:
@@ -192,6 +239,11 @@ def _main(argv=None) -> int:
 
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if args.distributed:
+        err = init_distributed(**explicit)
+        if err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from jaxnorm import engine, results
 
     t0 = time.time()
@@ -202,10 +254,18 @@ def _main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     files = []
-    if not args.no_plot:
+    if not args.no_plot and all_shards_finished(out):
         df = results.load(out)
-        if len(df):
+        if len(df) and not args.distributed:
             files = plot(df, out / "curves.png")
+        elif len(df):  # processes may finish together: plot into a folder of one's own, then rename
+            tmp = out / f".curves.{os.getpid()}"
+            tmp.mkdir(exist_ok=True)
+            plot(df, tmp / "curves.png")
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+                files.append(str(out / f.name))
+            tmp.rmdir()
     summary = {**summary, "run_dir": str(out), "seconds": round(time.time() - t0, 1), "plots": files}
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,5 +1,5 @@
 """Tests of the sweep engine: numerics against a plain per-replica loop, one trace, divergence,
-checkpoint/resume (in-process and with a real SIGKILL), 1 vs 8 devices, the schedule.
+checkpoint/resume (in-process and with a real SIGKILL), 1, 2, 4 and 8 devices (no collectives).
 
 All engine runs use a synthetic dataset (random 28x28x1 images, 10 classes) and the "small" CNN,
 so that they test the engine, not the data; the paper's data paths are tested in test_data.py.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +27,7 @@ import pytest
 
 from jaxnorm import config as config_lib
 from jaxnorm import data as data_lib
-from jaxnorm import engine, models, results
+from jaxnorm import checkpoint, engine, models, replica, results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,16 +85,13 @@ def _reference_fns(cfg, ds):
 def reference_run(cfg, ds, P, seed):
     """One replica trained by a plain loop: optax.adam(lr), one jitted step per batch, no vmap."""
     model, tx, step, predict = _reference_fns(cfg, ds)
-    key = jax.random.wrap_key_data(jnp.asarray(engine.replica_key_data(cfg.sweep_seed, P, seed)),
-                                   impl="threefry2x32")
-    k_model, _ = jax.random.split(key)
-    params = model.init(k_model)["params"]
+    key_data = replica.replica_key_data(cfg.sweep_seed, P, seed)
+    k_init, _ = jax.random.split(jax.random.wrap_key_data(jnp.asarray(key_data), impl="threefry2x32"))
+    params = model.init(k_init)["params"]
     opt = tx.init(params)
-
     subset = data_lib.subset_indices(cfg.sweep_seed, seed, P, ds.n_train)
-    spe = -(-P // cfg.batch_size)
-    for s in range(cfg.epochs * spe):
-        idx, w = engine.batch_indices(subset, cfg.sweep_seed, P, seed, s, cfg.batch_size)
+    for s in range(cfg.epochs * -(-P // cfg.batch_size)):
+        idx, w = replica.batch_indices(subset, key_data, s, cfg.batch_size)
         params, opt = step(params, opt, ds.x_train[idx], ds.y_train[idx], w)
     logits = np.asarray(predict(params, ds.x_test), np.float64)
     y = ds.y_test
@@ -104,6 +103,18 @@ def reference_run(cfg, ds, P, seed):
     return params, dict(test_loss=ce.mean(), test_error=err, margins=margins)
 
 
+def final_slot_params(run_dir, n_slots):
+    """Params of each slot in the run's final checkpoint (host arrays, leading slot axis)."""
+    path = checkpoint.directory(run_dir)
+    step, meta = checkpoint.latest_meta(path)
+    assert meta["finished"] and meta["n_slots"] == n_slots
+    model = models.get_model("cnn", (28, 28, 1), 10, size="small")
+    tx = replica.make_optimizer("adam")
+    abstract = jax.eval_shape(jax.vmap(lambda k, l: replica.init(model, tx, k, l)),
+                              jax.ShapeDtypeStruct((n_slots, 2), jnp.uint32), jax.ShapeDtypeStruct((n_slots,), jnp.float32))
+    return checkpoint.restore_state(path, step, abstract).variables["params"]
+
+
 @pytest.fixture(scope="module")
 def ds():
     return synthetic()
@@ -112,9 +123,8 @@ def ds():
 @pytest.fixture(scope="module")
 def base_run(ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    box = []
-    summary = engine.run(cfg_of(), out, quiet=True, dataset=ds, engine_out=box)
-    return out, summary, box[0]
+    summary = engine.run(cfg_of(), out, quiet=True, dataset=ds)
+    return out, summary
 
 
 def _assert_same_numbers(a, b, rtol=1e-5, atol=1e-6):
@@ -139,27 +149,35 @@ def _assert_same_run(run_dir, ref_dir, rtol=1e-5, atol=1e-6):
 
 
 def test_engine_matches_plain_per_replica_loop(base_run, ds):
-    out, summary, eng = base_run
+    out, summary = base_run
     cfg = cfg_of()
     df = results.load(out)
     assert summary["finished"] == 4 and summary["diverged"] == 0
-    for P in (40, 72):
-        for seed in (0, 1):
-            ref_params, ref = reference_run(cfg, ds, P, seed)
-            got = eng.final[(P, seed)]["params"]
-            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_params)):
-                np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
-            row = df[(df.P == P) & (df.seed == seed) & (df.epoch == cfg.epochs)].iloc[0]
-            assert row.step == cfg.epochs * -(-P // cfg.batch_size)
-            np.testing.assert_allclose(row.test_loss, ref["test_loss"], rtol=1e-4)
-            np.testing.assert_allclose(row.test_error, ref["test_error"], atol=1.5 / ds.n_test)  # one flip
-            m = results.load_margins(out, P, seed, cfg.epochs)
-            assert m.shape == (ds.n_test,) and m.dtype == np.float32
-            np.testing.assert_allclose(m, ref["margins"], rtol=1e-3, atol=1e-4)
+    # 4 jobs in 4 slots, never refilled: slot r holds job r of the LPT order at the end.
+    final = final_slot_params(out, 4)
+    jobs = engine.schedule_lib.make_jobs(cfg.P, range(cfg.seeds), cfg.epochs, cfg.batch_size, cfg.eval_epochs())
+    predict = _reference_fns(cfg, ds)[3]
+    for r, job in enumerate(jobs):
+        P, seed = job.P, job.seed
+        ref_params, ref = reference_run(cfg, ds, P, seed)
+        got = jax.tree.map(lambda a: a[r], final)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+        row = df[(df.P == P) & (df.seed == seed) & (df.epoch == cfg.epochs)].iloc[0]
+        assert row.step == cfg.epochs * -(-P // cfg.batch_size)
+        np.testing.assert_allclose(row.test_loss, ref["test_loss"], rtol=1e-4)
+        np.testing.assert_allclose(row.test_error, ref["test_error"], atol=1.5 / ds.n_test)  # one flip
+        m = results.load_margins(out, P, seed, cfg.epochs)
+        assert m.shape == (ds.n_test,) and m.dtype == np.float32
+        np.testing.assert_allclose(m, ref["margins"], rtol=1e-3, atol=1e-4)
+        # Train error: on the replica's own subset.
+        sub = data_lib.subset_indices(cfg.sweep_seed, seed, P, ds.n_train)
+        err = float((np.asarray(predict(got, ds.x_train[sub])).argmax(1) != ds.y_train[sub]).mean())
+        assert abs(row.train_error - err) <= 1.5 / P
 
 
 def test_results_table_has_one_row_per_replica_and_eval_point(base_run):
-    out, _, _ = base_run
+    out, _ = base_run
     df = results.load(out)
     cfg = cfg_of()
     assert len(df) == 4 * len(cfg.eval_epochs())
@@ -175,30 +193,27 @@ def test_results_table_has_one_row_per_replica_and_eval_point(base_run):
     saved = config_lib.from_json((out / "config.json").read_text())
     assert saved == cfg
     v = json.loads((out / "versions.json").read_text())
-    assert {"jax", "flax", "optax", "orbax_checkpoint"} <= set(v)
-
-
-def test_train_error_is_measured_on_the_replicas_subset(base_run, ds):
-    out, _, eng = base_run
-    cfg = cfg_of()
-    df = results.load(out)
-    predict = _reference_fns(cfg, ds)[3]
-    for (P, seed), variables in eng.final.items():
-        sub = data_lib.subset_indices(cfg.sweep_seed, seed, P, ds.n_train)
-        logits = predict(variables["params"], ds.x_train[sub])
-        err = float((np.asarray(logits).argmax(1) != ds.y_train[sub]).mean())
-        row = df[(df.P == P) & (df.seed == seed) & (df.epoch == cfg.epochs)].iloc[0]
-        assert abs(row.train_error - err) <= 1.5 / P
+    assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(v)
 
 
 def test_train_step_is_traced_once(base_run):
-    _, _, eng = base_run
-    # 4 jobs in 4 slots, never compacted (too few steps left): one slot count, one trace.
-    assert eng.trace_count["train"] == 1
+    _, summary = base_run
+    # 4 jobs in 4 slots, never compacted (too few steps left): one slot count, one trace of each
+    # program (the engine's run is the first in this process to use them).
+    assert summary["traces"] == {"train": 1, "init": 1, "norms": 1, "eval_test": 1, "eval_train": 1}
+
+
+def test_simulated_schedule_is_the_trained_one(base_run):
+    # The engine and the idle-fraction simulator run the same event loop (SlotPool.next_dispatch).
+    _, summary = base_run
+    cfg = cfg_of()
+    sim = engine.schedule_lib.simulate_idle_fraction(cfg.P, cfg.seeds, cfg.epochs, cfg.batch_size, cfg.eval_epochs(),
+                                                     n_slots=summary["slots"], steps_per_dispatch=summary["steps_per_dispatch"])
+    assert (sim["busy_steps"], sim["idle_steps"]) == (summary["busy_replica_steps"], summary["idle_replica_steps"])
 
 
 def test_rerun_of_finished_sweep_is_noop(base_run, ds):
-    out, _, _ = base_run
+    out, _ = base_run
     before = (out / "results.csv").read_bytes()
     summary = engine.run(cfg_of(), out, quiet=True, dataset=ds)
     assert summary["noop"]
@@ -206,7 +221,7 @@ def test_rerun_of_finished_sweep_is_noop(base_run, ds):
 
 
 def test_config_mismatch_with_run_dir_is_a_clear_error(base_run, ds):
-    out, _, _ = base_run
+    out, _ = base_run
     with pytest.raises(engine.RunDirMismatch, match=r"epochs: 3 in the run dir vs 4 now"):
         engine.run(cfg_of(epochs=4), out, quiet=True, dataset=ds)
     with pytest.raises(ValueError, match="no run to resume"):
@@ -223,7 +238,7 @@ def test_bad_input_leaves_no_run_directory(ds, tmp_path):
 
 
 def test_diverged_replica_is_flagged_and_others_are_untouched(base_run, ds, tmp_path):
-    out0, _, _ = base_run
+    out0, _ = base_run
     cfg = cfg_of(lr_overrides=[{"P": 72, "seed": 1, "lr": 1e38}])
     summary = engine.run(cfg, tmp_path, quiet=True, dataset=ds)
     assert summary["diverged"] == 1
@@ -244,7 +259,7 @@ def test_diverged_replica_is_flagged_and_others_are_untouched(base_run, ds, tmp_
 
 
 def test_checkpoint_resume_equals_uninterrupted(base_run, ds, tmp_path):
-    out0, _, _ = base_run
+    out0, _ = base_run
     # One step per dispatch (the base run has 8: results must not depend on it) and a checkpoint
     # every epoch. Stop after 7 dispatches without the final checkpoint: results.csv then holds
     # rows written after the last checkpoint, which the resume must trim and redo.
@@ -257,19 +272,18 @@ def test_checkpoint_resume_equals_uninterrupted(base_run, ds, tmp_path):
 
 
 def test_out_of_device_memory_says_what_to_lower(base_run, ds, tmp_path):
-    eng = engine.Engine(cfg_of(), tmp_path, dataset=ds, quiet=True)
+    eng = engine.Engine(cfg_of(), tmp_path, dataset=ds)
 
     def oom(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes")
 
-    eng._train = oom
+    eng.p = eng.p._replace(train=oom)
     with pytest.raises(MemoryError, match=r"4 replicas per device.*Lower --replicas-per-device"):
         eng.run()
 
 
 def test_results_round_trip_and_torn_line(tmp_path):
-    cols = list(engine.BASE_COLUMNS) + ["norm/conv1/spec", "norm/conv1/l21"]
-    w = engine._Results(tmp_path / "results.csv", cols)
+    w = results.Writer(tmp_path / "results.csv", results.columns(["conv1"]))
     rows = [dict(arch="cnn", dataset="mnist", size="small", P=89, seed=s, replica=89000 + s, epoch=e, step=2 * e,
                  test_error=0.1 + 1e-9 * e, test_loss=1 / 3, train_error=0.0, train_loss=2 ** -20,
                  spectral_complexity=12345.678901234567, wall_time=1.5, diverged=False, lr=1e-3,
@@ -289,65 +303,7 @@ def test_results_round_trip_and_torn_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The schedule
-# ------------------------------------------------------------------------------------------------
-
-
-def test_scheduler_gives_every_job_exactly_its_steps():
-    ev = config_lib.eval_epochs(5, "log", 1, 4, True)
-    jobs = engine.make_jobs([10, 50, 200, 333], range(3), 5, 16, ev)
-    sched = engine.Scheduler(jobs, 4, 3, compact_min_steps=0)
-    evaluated = {j.index: [] for j in jobs}
-    while True:
-        sched.fill()
-        due = sched.due_for_eval()
-        for r in due:
-            evaluated[sched.slot_job[r]].append(sched.slot_pos[r])
-        sched.mark_evaluated(due)
-        if sched.release_finished() and sched.queue:
-            continue
-        if sched.done():
-            break
-        keep = sched.compaction()
-        if keep is not None:
-            sched.apply_compaction(keep)
-        n = sched.plan()
-        assert (n <= 3).all()
-        sched.advance(n)
-    assert sched.busy_steps == sum(j.total_steps for j in jobs)
-    for j in jobs:
-        assert evaluated[j.index] == list(j.eval_steps)
-    assert sched.n_slots < 4  # compacted during the drain
-
-
-def test_slot_ladder_terminates_with_strictly_decreasing_multiples():
-    for n_dev in (1, 2, 3, 4, 8):
-        for n_slots in range(1, 70):
-            lad = engine.slot_ladder(n_slots, n_dev)  # used to loop forever, e.g. (4, 2), (16, 8)
-            assert lad[-1] == n_dev and all(s % n_dev == 0 for s in lad)
-            assert all(a > b for a, b in zip(lad, lad[1:]))
-    assert engine.slot_ladder(8, 1) == [8, 6, 4, 3, 2, 1] and engine.slot_ladder(4, 2) == [4, 2]
-
-
-def test_equal_jobs_in_equal_slots_never_idle():
-    r = engine.simulate_idle_fraction([64], 8, 10, 16, range(11), n_slots=8, steps_per_dispatch=1)
-    assert r["idle_fraction"] == 0.0 and r["busy_steps"] == 8 * 10 * 4
-
-
-def test_idle_fraction_under_ten_percent_on_a_paper_grid():
-    # CIFAR ResNet/ViT grid of Appendix E (the worst of bench_engine.py --idle at K = 16), eval every
-    # epoch, automatic slot count; 100 epochs instead of 1000 to keep the simulation fast (the idle
-    # fraction is a ratio of per-epoch quantities: 1000 epochs gives 5.3%, see the bench).
-    P, epochs, B = config_lib.CIFAR_DEEP_P, 100, 128
-    ev = config_lib.eval_epochs(epochs, "every", 1, 60, True)
-    jobs = engine.make_jobs(P, range(5), epochs, B, ev)
-    R = engine.choose_slots(jobs, 0, 1, "gpu")
-    r = engine.simulate_idle_fraction(P, 5, epochs, B, ev, R, steps_per_dispatch=16)
-    assert r["idle_fraction"] < 0.10
-
-
-# ------------------------------------------------------------------------------------------------
-# Subprocess tests: SIGKILL + rerun, and 1 vs 8 devices
+# Subprocess tests: SIGKILL + rerun, and several devices
 # ------------------------------------------------------------------------------------------------
 
 SCRIPT = textwrap.dedent("""
@@ -359,10 +315,14 @@ SCRIPT = textwrap.dedent("""
     from test_engine import synthetic, cfg_of
     from jaxnorm import engine
     cfg = cfg_of(**json.loads(sys.argv[2]))
-    stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic(), stop_after_dispatches=stop)
-    print(json.dumps({{"devices": jax.device_count(), **s}}))
+    run_kw = json.loads(sys.argv[3])
+    if "distributed" in run_kw:  # [coordinator address, process count, process id]
+        addr, n, i = run_kw.pop("distributed")
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=i)
+    s = engine.run(cfg, sys.argv[1], quiet=True, dataset=synthetic(), **run_kw)
+    print(json.dumps({{"devices": jax.local_device_count(), **s}}))
 """)
+COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
 
 
 def _script(tmp_path, cache) -> Path:
@@ -371,27 +331,32 @@ def _script(tmp_path, cache) -> Path:
     return p
 
 
-def _sweep(script, run_dir, kw: str = "{}", devices: int | None = None, stop: int | None = None,
-           timeout: int = 180) -> subprocess.CompletedProcess:
-    """Runs the sweep script in a fresh interpreter (``devices`` CPU devices, stop after ``stop`` dispatches)."""
-    args = [sys.executable, str(script), str(run_dir), kw] + ([str(stop)] if stop else [])
-    return subprocess.run(args, env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _env(devices: int | None = None) -> dict:
+def _sweep(script, run_dir, kw: dict | None = None, devices: int | None = None, run_kw: dict | None = None,
+           dump: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs the sweep script in a fresh interpreter on ``devices`` CPU devices (``dump``: XLA's dump folder)."""
+    args = [sys.executable, str(script), str(run_dir), json.dumps(kw or {}), json.dumps(run_kw or {})]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    flags = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+    if dump is not None:
+        flags += f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
+    if flags:
+        env["XLA_FLAGS"] = flags.strip()
+    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
-    out0, _, _ = base_run
+    out0, _ = base_run
     script = _script(tmp_path, tmp_path / "cache")
     run_dir = tmp_path / "run"
-    kw = json.dumps(dict(checkpoint_epochs=1))
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), kw], env=_env(), cwd=REPO,
+    kw = dict(checkpoint_epochs=1)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), json.dumps(kw), "{}"],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Kill it once a checkpoint exists and more rows have been written after it.
     deadline = time.time() + 300
@@ -407,91 +372,130 @@ def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
         time.sleep(0.05)
     proc.wait()
     assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
-    done = _sweep(script, run_dir, kw, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _summary(_sweep(script, run_dir, kw, timeout=600))
     _assert_same_run(run_dir, out0)
 
 
+# A sweep that exercises every multi-device path: 20 jobs in 2 slots per device (refills), with 2
+# steps per dispatch a compaction on 1, 2, 4 and 8 devices (compact_min_steps=0; the grid was picked
+# with jaxnorm.schedule), evaluations at epochs 0, 1, 2 with margins at 2, a checkpoint every epoch.
+LADDER = dict(P=[40, 48, 56, 72], seeds=5, epochs=2, margin_epochs=[2], replicas_per_device=2, checkpoint_epochs=1,
+              steps_per_dispatch=2)
+LADDER_RUN = dict(compact_min_steps=0)
+
+
+@pytest.fixture(scope="module")
+def ladder_run(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ladder")
+    summary = engine.run(cfg_of(**LADDER), out, quiet=True, dataset=ds, **LADDER_RUN)
+    assert summary["devices"] == 1 and summary["slots"] == 2 and summary["compactions"] >= 1
+    return out
+
+
+def _check_devices(ladder_run, tmp_path, n: int):
+    # The 1-device run takes the slots one by one (lax.map), n devices n pairs at once, evaluations
+    # in other sub-batches: different programs, so agreement is to float tolerance, not bits.
+    dump = tmp_path / "xla"
+    info = _summary(_sweep(_script(tmp_path, tmp_path / "cache"), tmp_path / "run", LADDER, devices=n,
+                           run_kw=LADDER_RUN, dump=dump))
+    assert info["devices"] == n and info["slots"] == 2 * n and info["finished"] == 20 and info["compactions"] >= 1
+    _assert_same_run(tmp_path / "run", ladder_run, rtol=RTOL, atol=ATOL)
+    for e in (2,):
+        for P, s in ((40, 0), (72, 4)):
+            np.testing.assert_allclose(results.load_margins(tmp_path / "run", P, s, e),
+                                       results.load_margins(ladder_run, P, s, e), rtol=1e-3, atol=1e-4)
+    # Replicas never communicate: no compiled program of the run holds a collective (issue 12: an
+    # all-gather from gathering due slots with a replicated index deadlocked 4 devices on 2 cores).
+    hlo = sorted(dump.glob("*after_optimizations.txt"))
+    assert len(hlo) >= 6
+    found = {f.name: COLLECTIVES.findall(f.read_text()) for f in hlo}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+def test_two_devices_match_one_with_refills_compaction_and_no_collectives(ladder_run, tmp_path):
+    _check_devices(ladder_run, tmp_path, 2)
+
+
 @pytest.mark.slow
-def test_one_and_eight_devices_give_the_same_results(base_run, tmp_path):
-    out0, _, _ = base_run
-    script = _script(tmp_path, tmp_path / "cache")
-    # 8 devices, 1 replica slot per device: R = 8 slots (4 jobs + 4 masked dummies), replicas batched
-    # by vmap; the 1-device reference has R = 4 slots run by lax.map (the CPU default). Different
-    # programs, so agreement is to float tolerance, not bits.
-    kw = json.dumps(dict(replicas_per_device=1, replica_axis="vmap"))
-    done = _sweep(script, tmp_path / "run8", kw, devices=8, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["devices"] == 8 and info["slots"] == 8
-    _assert_same_run(tmp_path / "run8", out0, rtol=RTOL, atol=ATOL)
-
-
-def test_two_devices_default_replica_axis_finishes_and_matches_one_device(base_run, tmp_path):
-    # Regression: with >1 device the sweep hung (1) in slot_ladder (rounding up to a multiple of the
-    # device count undid the shrink: 4 -> 3 -> 4, forever) and (2) in the first evaluation (the norms'
-    # power-iteration while_loop, SPMD-partitioned over the sharded replica axis, deadlocked on a
-    # collective). Default replica axis ("map" on CPU), 2 devices x 2 slots; base_run: 1 device x 4.
-    out0, _, _ = base_run
-    script = _script(tmp_path, tmp_path / "cache")
-    done = _sweep(script, tmp_path / "run2", devices=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["devices"] == 2 and info["slots"] == 4
-    _assert_same_run(tmp_path / "run2", out0, rtol=RTOL, atol=ATOL)
+@pytest.mark.parametrize("n", [4, 8])
+def test_four_and_eight_devices_match_one(ladder_run, tmp_path, n):
+    _check_devices(ladder_run, tmp_path, n)
 
 
 def test_run_started_on_one_device_resumes_on_two(base_run, tmp_path):
     # `--cpu-devices` may change between a run and its resume (another machine, another choice):
     # the resumed run must give the same rows and numbers to float tolerance.
-    out0, _, _ = base_run
+    out0, _ = base_run
     script = _script(tmp_path, tmp_path / "cache")
     run_dir = tmp_path / "run"
-    kw = json.dumps(dict(checkpoint_epochs=1))
-    first = _sweep(script, run_dir, kw, devices=1, stop=2)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert '"stopped": true' in first.stdout
+    kw = dict(checkpoint_epochs=1)
+    first = _summary(_sweep(script, run_dir, kw, devices=1, run_kw=dict(stop_after_dispatches=2)))
+    assert first["stopped"]
     assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())  # something to resume from
     rows_before = (run_dir / "results.csv").read_text().count("\n")
-    rest = _sweep(script, run_dir, kw, devices=2)
-    assert rest.returncode == 0, rest.stderr[-3000:]
-    assert json.loads(rest.stdout.strip().splitlines()[-1])["devices"] == 2
+    rest = _summary(_sweep(script, run_dir, kw, devices=2))
+    assert rest["devices"] == 2
     assert 1 < rows_before < (run_dir / "results.csv").read_text().count("\n")
     _assert_same_run(run_dir, out0, rtol=RTOL, atol=ATOL)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data order
-# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def test_each_epoch_visits_the_subset_once_without_replacement():
-    sub = np.arange(500, 537, dtype=np.int32)  # P = 37, B = 8: 5 steps, the last one with 5 examples
-    for epoch in range(3):
-        seen, weights = [], []
-        for b in range(5):
-            idx, w = engine.batch_indices(sub, 0, 37, 0, epoch * 5 + b, 8)
-            seen += list(idx[w > 0])
-            weights.append(w.sum())
-        assert sorted(seen) == list(sub) and weights == [8, 8, 8, 8, 5]
-    a, _ = engine.batch_indices(sub, 0, 37, 0, 0, 8)
-    b, _ = engine.batch_indices(sub, 0, 37, 0, 5, 8)
-    assert (a != b).any()  # a new order each epoch
+def _two_processes(script, run_dir, kw: dict, run_kw: dict) -> list[dict]:
+    """One sweep on 2 processes of jax.distributed on localhost (1 CPU device each)."""
+    addr = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), json.dumps(kw),
+                               json.dumps({**run_kw, "distributed": [addr, 2, i]})],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
-def test_vectorized_dispatch_batches_equal_the_step_by_step_definition():
-    class Stub:  # the attributes _slot_batches reads
-        cfg = config_lib.from_dict(dict(P=[37], seeds=1, epochs=4, batch_size=8))
-        jobs = engine.make_jobs([37], [0], 4, 8, (0, 4))
-        _order_cache: dict = {}
+def test_two_processes_of_jax_distributed_resume_and_merge_to_the_one_process_rows(base_run, tmp_path):
+    # Issue 12: every process runs the same command, takes jobs[i::2], writes its own shard of the
+    # one run directory; a rerun of the same command on every process resumes; results.load merges.
+    out0, _ = base_run
+    script = _script(tmp_path, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    kw = dict(checkpoint_epochs=1)
+    first = _two_processes(script, run_dir, kw, dict(stop_after_dispatches=2))
+    assert all(s["stopped"] for s in first)
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"p0", "p1"}
+    rest = _two_processes(script, run_dir, kw, {})
+    assert sorted((s["process_index"], s["process_count"], s["jobs"], s["finished"]) for s in rest) == \
+        [(0, 2, 2, 2), (1, 2, 2, 2)]
+    shards = [results._read(run_dir / f"results.p{i}.csv") for i in range(2)]
+    # LPT order (72, 0), (72, 1), (40, 0), (40, 1): process 0 takes jobs 0 and 2, process 1 jobs 1 and 3.
+    assert [sorted(set(zip(d.P, d.seed))) for d in shards] == [[(40, 0), (72, 0)], [(40, 1), (72, 1)]]
+    _assert_same_run(run_dir, out0, rtol=RTOL, atol=ATOL)
+    # The same directory run by one process is another layout: a clear error, nothing touched.
+    with pytest.raises(engine.RunDirMismatch, match="another number of processes"):
+        engine.run(cfg_of(**kw), run_dir, quiet=True, dataset=synthetic())
 
-        def _subset(self, j):
-            return np.arange(100, 137, dtype=np.int32)
 
-    stub = Stub()
-    for pos, n in ((0, 1), (3, 9), (4, 16)):  # within, across one and across several epoch boundaries
-        idx, w = engine.Engine._slot_batches(stub, 0, pos, n)
-        for k in range(n):
-            ri, rw = engine.batch_indices(stub._subset(0), 0, 37, 0, pos + k, 8)
-            np.testing.assert_array_equal(idx[k], ri)
-            np.testing.assert_array_equal(w[k], rw)
+@pytest.mark.parametrize("argv, message", [
+    (["--num-processes", "2"], "go with --distributed"),
+    (["--distributed", "--overwrite"], "delete the run directory first"),
+])
+def test_distributed_flags_are_checked_at_the_edge(argv, message, capsys, tmp_path):
+    from jaxnorm import sweep
+
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--arch", "cnn", "--dataset", "fashion_mnist", "--out", str(tmp_path / "x"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_distributed_needs_all_three_explicit_settings_or_none():
+    from jaxnorm import sweep
+
+    assert "go together" in sweep.init_distributed(coordinator_address="127.0.0.1:1234")
+    assert "allowed: 0 .. 1" in sweep.init_distributed("127.0.0.1:1234", 2, 5)
