@@ -1235,7 +1235,8 @@ def _window_systematic(per: list, f: PowerLawFit) -> dict | None:
     quadrature.
 
     Returns:
-      {"delta", "sigma_noise", "sigma_sys"}, or None when the half windows hold too few points.
+      {"delta", "sigma_noise", "sigma_sys"} (the caller adds "sigma_jackknife", gamma1's sigma
+      before this term), or None when the half windows hold too few points.
     """
     halves = []
     for p in per:
@@ -1279,8 +1280,8 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
 
     Returns:
       (gamma1, gamma1_appendix_d): the pooled Exponent (detail: k1, q1, per_P windows,
-      sigma_cov, sigma_jackknife, window_systematic) and the Appendix D estimate on the same windows (mean over P
-      of the per-P slopes, sigma = error of the mean).
+      sigma_cov, sigma_jackknife, window_systematic) and the Appendix D estimate on the same
+      windows (mean over P of the per-P slopes, sigma = error of the mean).
     """
     method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) "
               "on the detected early power-law windows of every P >= p_min; sigma: jackknife over P "
@@ -1297,7 +1298,8 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
                   sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test, chi2_red=f.chi2_red,
                   cov=f.cov, resid_sd=f.resid_sd, x_range=list(f.x_range),
                   detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
-                          "sigma_cov": f.sigma_a, "sigma_jackknife": _jk_only(f, s_jk), "per_P": windows,
+                          "sigma_cov": f.sigma_a, "sigma_jackknife": _jk_only(f, s_jk),
+                          "per_P": windows,
                           "window_systematic": (f.q_test or {}).get("window_systematic")})
     g = np.array([p["gamma1"] for p in per])
     if g.size > 1:
