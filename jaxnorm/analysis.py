@@ -20,7 +20,9 @@ Two modes of :func:`analyze`:
   parabola vertex per curve as fallback), not quantized to the evaluation grid; gamma1 from one
   pooled fit of Eq. 3 on an early window shared on the collapse (:func:`fit_gamma1_collapse`,
   per-curve windows as fallback; P without a bracketed minimum join with their own window),
-  error from a delete-one-P jackknife; gamma2 and gamma_opt from log-space fits of Eq. 4 and
+  error from a delete-one-P jackknife plus the window systematic (the shift of gamma1 when only
+  the first half of every window is fitted, less its noise; :func:`_window_systematic`) in
+  quadrature; gamma2 and gamma_opt from log-space fits of Eq. 4 and
   Eq. 6 over the bracketed P, slope errors from the scatter across P; when some P >= p_min are
   not bracketed, their minima are censored observations (lambda_opt >= a bound, eps_opt <= the
   lowest error) and gamma2, gamma_opt come from a censored (Tobit) maximum-likelihood fit
@@ -1207,7 +1209,58 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
                 f = dataclasses.replace(f, q_test={**(f.q_test or {}), "model_average": {
                     "w_q": wq, "sigma_selected": s_sel, "alternative": list(alt),
                     "q1_alternative": [float(f1.q), float(f1.sigma_q)] if alt_q else None}})
+    sys = _window_systematic(per, f) if s_jk is not None else None
+    if sys is not None:
+        sys["sigma_jackknife"] = s_jk
+        f = dataclasses.replace(f, q_test={**(f.q_test or {}), "window_systematic": sys})
+        s_jk = math.hypot(s_jk, sys["sigma_sys"])
     return f, s_jk, q_jk
+
+
+def _jk_only(f: PowerLawFit, s: float | None) -> float | None:
+    """gamma1's jackknife sigma before the window systematic was added (for the record)."""
+    return ((f.q_test or {}).get("window_systematic") or {}).get("sigma_jackknife", s)
+
+
+def _window_systematic(per: list, f: PowerLawFit) -> dict | None:
+    """The window-dependence of gamma1: the same pooled Eq. 3 fit (same q1 choice as ``f``) on
+    the first half in ln lambda of every P's window, against the whole window.
+
+    A pure power law has one slope on any part of its window; a floor q1 that the fit leaves
+    out (the calibrated rule keeps a real floor in only about half of the study's q1 != 0
+    realisations) bends the log-log line and the slope moves with the window, by the same
+    amount in every P, so the jackknife over P cannot see it. The shift Delta between the two
+    fits, less what noise alone gives (nested fits: Var(Delta) = sigma_half^2 - sigma_whole^2),
+    is the systematic: sigma_sys^2 = max(0, Delta^2 - Var(Delta)), added to gamma1's sigma in
+    quadrature.
+
+    Returns:
+      {"delta", "sigma_noise", "sigma_sys"} (the caller adds "sigma_jackknife", gamma1's sigma
+      before this term), or None when the half windows hold too few points.
+    """
+    halves = []
+    for p in per:
+        lam, eps = p["lam"], p["eps"]
+        cut = math.sqrt(float(lam.min()) * float(lam.max()))
+        m = lam <= cut * (1 + 1e-9)
+        if m.sum() >= 2:
+            halves.append((lam[m], eps[m]))
+    if len(halves) < 2:
+        return None
+    lam = np.concatenate([h[0] for h in halves])
+    eps = np.concatenate([h[1] for h in halves])
+    if lam.size < (6 if f.q_kept else 4):
+        return None
+    try:
+        fh = fit_power_law(lam, eps, with_q=bool(f.q_kept))
+    except ValueError:
+        return None
+    if not (np.isfinite(fh.sigma_a) and np.isfinite(f.sigma_a)):
+        return None
+    delta = float(-fh.a - (-f.a))
+    var_noise = max(0.0, fh.sigma_a ** 2 - f.sigma_a ** 2)
+    return {"delta": delta, "sigma_noise": math.sqrt(var_noise),
+            "sigma_sys": math.sqrt(max(0.0, delta ** 2 - var_noise))}
 
 
 def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
@@ -1221,16 +1274,18 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
     (lambda, eps) and eps = k1 lambda^-gamma1 (+ q1 when the F test keeps it) is fitted once.
     The points of one curve share its seeds' fluctuations, so the error is a delete-one-P
     jackknife (sigma^2 = (n-1)/n sum (g_-i - g_.)^2) rather than the fit covariance (also
-    reported; the q decision is retaken in every jackknife fit); with fewer than 3 P it is the
-    covariance error.
+    reported; the q decision is retaken in every jackknife fit), the window systematic
+    (:func:`_window_systematic`: a bias that all windows share) added in quadrature; with fewer
+    than 3 P it is the covariance error.
 
     Returns:
       (gamma1, gamma1_appendix_d): the pooled Exponent (detail: k1, q1, per_P windows,
-      sigma_cov, sigma_jackknife) and the Appendix D estimate on the same windows (mean over P
-      of the per-P slopes, sigma = error of the mean).
+      sigma_cov, sigma_jackknife, window_systematic) and the Appendix D estimate on the same
+      windows (mean over P of the per-P slopes, sigma = error of the mean).
     """
     method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) "
-              "on the detected early power-law windows of every P >= p_min; sigma: jackknife over P")
+              "on the detected early power-law windows of every P >= p_min; sigma: jackknife over P "
+              "and the window systematic in quadrature")
     per = _window_fits(curves, P_used, log, elbow_kw)
     app = "Appendix D: mean over P of per-P log-log slopes on the detected windows; sigma = error of the mean"
     if not per:
@@ -1243,7 +1298,9 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
                   sigma_q=f.sigma_q, q_kept=f.q_kept, q_test=f.q_test, chi2_red=f.chi2_red,
                   cov=f.cov, resid_sd=f.resid_sd, x_range=list(f.x_range),
                   detail={"k1": f.k, "q1": f.q, "sigma_q1": f.sigma_q, "n_P": len(per),
-                          "sigma_cov": f.sigma_a, "sigma_jackknife": s_jk, "per_P": windows})
+                          "sigma_cov": f.sigma_a, "sigma_jackknife": _jk_only(f, s_jk),
+                          "per_P": windows,
+                          "window_systematic": (f.q_test or {}).get("window_systematic")})
     g = np.array([p["gamma1"] for p in per])
     if g.size > 1:
         # Is the early phase one power law for every P (Eq. 3)? chi^2 of the per-P slopes about
@@ -1333,7 +1390,8 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
     method = ("pooled least-squares fit of Eq. 3 (eps = k1 lambda^-gamma1 + q1, q1 by F test) on "
               "one early window x = lambda/lambda_opt <= x_e shared by the bracketed P (x_e: the "
               "widest that Eq. 3 fits within noise; P without a bracketed minimum: their own "
-              "detected window), first 2/3 of each; sigma: jackknife over P")
+              "detected window), first 2/3 of each; sigma: jackknife over P and the window "
+              "systematic in quadrature")
     g1 = Exponent(value=-f.a, sigma=s_jk if s_jk is not None else f.sigma_a, method=method,
                   n=f.n_points, k=f.k, q=f.q, sigma_q=f.sigma_q, q_kept=f.q_kept,
                   q_test=f.q_test, chi2_red=f.chi2_red, cov=f.cov, resid_sd=f.resid_sd,
@@ -1342,7 +1400,9 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
                           "x_e": float(best), "noise": noise, "sigma_cov": f.sigma_a,
                           "P_shared_window": sorted(cur), "P_own_window": [
                               p["P"] for p in per[n_shared:]],
-                          "sigma_jackknife": s_jk, "per_P": windows, "slopes_chi2": chi2,
+                          "sigma_jackknife": _jk_only(f, s_jk), "per_P": windows,
+                          "slopes_chi2": chi2,
+                          "window_systematic": (f.q_test or {}).get("window_systematic"),
                           "slopes_dof": int(g.size - 1),
                           "slopes_p": float(stats.chi2.sf(chi2, g.size - 1))})
     gad = Exponent(value=float(g.mean()), sigma=float(g.std(ddof=1) / math.sqrt(g.size)),
