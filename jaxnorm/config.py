@@ -108,7 +108,10 @@ class SweepConfig:
     norm_layers: str = "fold"
     norm_attention: str = "stacked"
     norm_zoo: bool = True
-    dense_method: str = "svd"
+    # "power" (power iteration, Gram-iteration upper bound) keeps LAPACK out of the compiled evaluation:
+    # an eigvalsh/svd custom call in the per-device norm programs deadlocked XLA:CPU with 2 devices
+    # (tests/test_engine.py's 2-device run hung in the norms; 27 s with "power").
+    dense_method: str = "power"
     norm_max_iters: int = 500
     norm_tol: float = 1e-5
     seed_start: int = 0
