@@ -144,6 +144,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm.layout import Layout, LinearLayer, get_path
+from jaxnorm.models import explicit_pads
 
 OPERATOR_DEFINITIONS = ("paper", "bartlett", "paper_input")  # Eq. 2 on the operators
 DEFINITIONS = OPERATOR_DEFINITIONS + ("deep_norm",)
@@ -199,12 +200,6 @@ def _padding(padding: Any) -> Any:
     return tuple(out)
 
 
-def _explicit_pads(input_hw, kernel_hw, strides, padding) -> tuple[tuple[int, int], ...]:
-    if isinstance(padding, str):
-        return tuple(tuple(p) for p in lax.padtype_to_pads(input_hw, kernel_hw, strides, padding))
-    return padding
-
-
 def _conv_xla(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
     """``flax.linen.Conv`` without bias on one example: x [H, W, C_in] -> [H_out, W_out, C_out]."""
     y = lax.conv_general_dilated(
@@ -223,7 +218,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
     """
     kh, kw, cin, cout = kernel.shape
     h, w = x.shape[0], x.shape[1]
-    (lo_h, hi_h), (lo_w, hi_w) = _explicit_pads((h, w), (kh, kw), strides, padding)
+    (lo_h, hi_h), (lo_w, hi_w) = explicit_pads((h, w), (kh, kw), strides, padding)
     sh, sw = strides
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)))
     ho = (h + lo_h + hi_h - kh) // sh + 1
@@ -251,7 +246,7 @@ def _identity_tap(input_shape, kernel_shape, strides, padding) -> tuple[int, int
         return None
     if _conv_out_shape(input_shape, kernel_shape, strides, padding) != tuple(input_shape):
         return None
-    pads = _explicit_pads(tuple(input_shape[:2]), (kh, kw), strides, padding)
+    pads = explicit_pads(tuple(input_shape[:2]), (kh, kw), strides, padding)
     # output p reads input p - lo + t: the tap t = lo maps p to p.
     (lo_h, _), (lo_w, _) = pads
     if not (0 <= lo_h < kh and 0 <= lo_w < kw):
@@ -436,7 +431,7 @@ def conv_upper_bound(kernel, input_shape, strides=1, padding="SAME", *, gram_ite
     padding = _padding(padding)
     kh, kw, cin, cout = kernel.shape
     h, w = int(input_shape[0]), int(input_shape[1])
-    (lo_h, hi_h), (lo_w, hi_w) = _explicit_pads((h, w), (kh, kw), strides, padding)
+    (lo_h, hi_h), (lo_w, hi_w) = explicit_pads((h, w), (kh, kw), strides, padding)
     sh, sw = strides
     mh, mw = -(-(h + lo_h + hi_h) // sh), -(-(w + lo_w + hi_w) // sw)
     ku, kv = -(-kh // sh), -(-kw // sw)
