@@ -36,9 +36,11 @@ writes its own shard of the one run directory (``results.p{i}.csv``, ``checkpoin
 ``summary.p{i}.json``); :func:`jaxnorm.results.load` merges the shards.
 
 Resume (``run(..., resume=None)``): a run directory that holds a ``config.json`` is resumed from
-its latest checkpoint when its science fields (everything but ``config.ENGINE_KEYS``) equal the
-requested config; a difference raises :class:`RunDirMismatch` naming the fields. A finished run
-is a no-op. ``resume=True`` requires an existing run; ``overwrite=True`` deletes it first.
+its newest checkpoint that verifies (checksums of its state and of the results prefix it covers,
+:func:`jaxnorm.checkpoint.find_verified`; a bad newer one is named on stderr, none verifying raises
+:class:`jaxnorm.checkpoint.NoValidCheckpoint`) when its science fields (everything but
+``config.ENGINE_KEYS``) equal the requested config; a difference raises :class:`RunDirMismatch`
+naming the fields. A finished run whose final checkpoint verifies is a no-op. ``resume=True`` requires an existing run; ``overwrite=True`` deletes it first.
 """
 
 from __future__ import annotations
@@ -542,6 +544,8 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
     Raises:
       RunDirMismatch: ``out_dir`` holds a run of a different sweep (the message lists the differences).
       jaxnorm.rundir.RunDirLocked: another live process is writing ``out_dir`` (this process's shard).
+      jaxnorm.checkpoint.NoValidCheckpoint: checkpoints exist but none verifies against its checksums
+        and this process's results file (nothing is changed; the message says what to do).
       jaxnorm.rundir.RunDirError: ``out_dir`` is a file, below a file, not writable, or not a jaxnorm
         run directory (never written into nor deleted, ``overwrite`` included).
       ValueError: a bad config, or P larger than the training set.
