@@ -36,9 +36,11 @@ writes its own shard of the one run directory (``results.p{i}.csv``, ``checkpoin
 ``summary.p{i}.json``); :func:`jaxnorm.results.load` merges the shards.
 
 Resume (``run(..., resume=None)``): a run directory that holds a ``config.json`` is resumed from
-its latest checkpoint when its science fields (everything but ``config.ENGINE_KEYS``) equal the
-requested config; a difference raises :class:`RunDirMismatch` naming the fields. A finished run
-is a no-op. ``resume=True`` requires an existing run; ``overwrite=True`` deletes it first.
+its newest checkpoint that verifies (checksums of its state and of the results prefix it covers,
+:func:`jaxnorm.checkpoint.find_verified`; a bad newer one is named on stderr, none verifying raises
+:class:`jaxnorm.checkpoint.NoValidCheckpoint`) when its science fields (everything but
+``config.ENGINE_KEYS``) equal the requested config; a difference raises :class:`RunDirMismatch`
+naming the fields. A finished run whose final checkpoint verifies is a no-op. ``resume=True`` requires an existing run; ``overwrite=True`` deletes it first.
 """
 
 from __future__ import annotations
@@ -356,18 +358,29 @@ class Engine:
     # ---------------------------------------------------------------- checkpoints
     def _save(self, states, wall: float, finished: bool = False) -> None:
         self.ckpt_count += 1
-        meta = dict(scheduler=self.pool.state_dict(), results_bytes=self.results.size(), n_slots=self.pool.n_slots,
+        mark = rundir.mark_results(self.results_path)
+        meta = dict(scheduler=self.pool.state_dict(), results_bytes=mark.size, results=mark._asdict(), n_slots=self.pool.n_slots,
                     wall_time=wall, finished=finished, count=self.ckpt_count, science=self.cfg.science(),
                     process_index=self.proc, process_count=self.nproc)
         ckpt_lib.save(self.ckpt_dir, self.ckpt_count, jax.tree.map(np.asarray, states), meta)
 
     def latest_checkpoint(self) -> tuple[int, dict] | None:
-        return ckpt_lib.latest_meta(self.ckpt_dir)
+        """(step, meta) of the newest checkpoint that verifies (:func:`jaxnorm.checkpoint.find_verified`).
+
+        Prints one ``warning:`` line on stderr per newer checkpoint skipped, naming it and the step used.
+
+        Raises:
+          jaxnorm.checkpoint.NoValidCheckpoint: checkpoints exist and none verifies.
+        """
+        found, skipped = ckpt_lib.find_verified(self.ckpt_dir, self.results_path)
+        for line in skipped:
+            print(f"warning: {line}; using step {found[0]}", file=sys.stderr)
+        return found
 
     def _restore(self, step: int, meta: dict):
         R = -(-meta["n_slots"] // self.n_dev) * self.n_dev  # re-pad for this run's device count
         self.pool.load_state_dict(meta["scheduler"], R)
-        self.results.truncate(meta["results_bytes"])
+        self.results.truncate(meta["results"]["size"])  # verified: the file is at least that long
         self.ckpt_count = meta["count"]
         host = ckpt_lib.restore_state(self.ckpt_dir, step, self.p.abstract(meta["n_slots"]))
         return jax.device_put(ckpt_lib.pad_slots(host, R), self.sharded), meta["wall_time"]
@@ -531,6 +544,8 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
     Raises:
       RunDirMismatch: ``out_dir`` holds a run of a different sweep (the message lists the differences).
       jaxnorm.rundir.RunDirLocked: another live process is writing ``out_dir`` (this process's shard).
+      jaxnorm.checkpoint.NoValidCheckpoint: checkpoints exist but none verifies against its checksums
+        and this process's results file (nothing is changed; the message says what to do).
       jaxnorm.rundir.RunDirError: ``out_dir`` is a file, below a file, not writable, or not a jaxnorm
         run directory (never written into nor deleted, ``overwrite`` included).
       ValueError: a bad config, or P larger than the training set.
@@ -565,6 +580,8 @@ def run(cfg: config_lib.SweepConfig, out_dir: str | Path, *, resume: bool | None
 
 def _run_checked(engine: Engine, cfg: config_lib.SweepConfig, out: Path, exists: bool, quiet: bool,
                  stop_after_dispatches: int | None) -> dict:
+    # The newest checkpoint that verifies (its state and the results prefix it covers): a finished
+    # run whose results.csv was cut or edited falls back to an older checkpoint and recomputes.
     latest = engine.latest_checkpoint() if exists else None
     if latest is not None and latest[1].get("finished"):
         if not quiet:

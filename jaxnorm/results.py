@@ -160,7 +160,15 @@ class Writer:
         return self.path.stat().st_size
 
     def truncate(self, size: int) -> None:
-        """Cuts the file to ``size`` bytes (0: rewrite the header only)."""
+        """Cuts the file to ``size`` bytes (0: rewrite the header only).
+
+        Raises:
+          ValueError: ``size`` exceeds the file's length (growing would pad it with NUL bytes).
+        """
+        have = self.size()
+        if size > have:
+            raise ValueError(f"{str(self.path)!r} holds {have} bytes, fewer than the {size} to keep; refusing to "
+                             f"pad it (truncated or edited results file)")
         with open(self.path, "r+b") as f:
             f.truncate(size)
             f.flush()

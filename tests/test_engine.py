@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,6 +301,167 @@ def test_results_round_trip_and_torn_line(tmp_path):
     assert ok["norm/conv1/l21"].iloc[0] == 7e-12 and ok.train_loss.iloc[0] == 2 ** -20
     assert df.diverged.sum() == 1 and np.isnan(df[df.diverged].test_error).all()
     assert df.P.dtype == np.int64 and df.epoch.dtype == np.int64
+
+
+# ------------------------------------------------------------------------------------------------
+# Verified resume: checksums of state.npz and of the results prefix in each checkpoint (issue 13)
+# ------------------------------------------------------------------------------------------------
+
+# Two periodic checkpoints (one step per dispatch, a checkpoint every epoch), stopped after 12
+# dispatches without a final one: results.csv holds rows past checkpoint 2 (as after a SIGKILL).
+TWO_CKPT = dict(checkpoint_epochs=1, steps_per_dispatch=1)
+
+
+@pytest.fixture(scope="module")
+def two_ckpt_run(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ckpt")
+    assert engine.run(cfg_of(**TWO_CKPT), out, quiet=True, dataset=ds, stop_after_dispatches=12) == {"stopped": True}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+    return out
+
+
+def _copy_run(src: Path, dst: Path) -> tuple[Path, dict]:
+    """A copy of a run directory and the results mark of each of its checkpoints ({step: meta["results"]})."""
+    shutil.copytree(src, dst)
+    ck = dst / "checkpoints"
+    return dst, {int(p.name): json.loads((p / "meta.json").read_text())["results"] for p in ck.iterdir()}
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and not p.name.startswith(".lock-")}
+
+
+def _resume_to_reference(run_dir, ds, ref_dir, capsys, cfg_kw=TWO_CKPT) -> str:
+    """Reruns ``run_dir`` to the end; checks no NUL byte and the reference rows; returns stderr."""
+    summary = engine.run(cfg_of(**cfg_kw), run_dir, quiet=True, dataset=ds)
+    assert not summary.get("noop")
+    assert b"\0" not in (run_dir / "results.csv").read_bytes()
+    _assert_same_run(run_dir, ref_dir)
+    return capsys.readouterr().err
+
+
+def test_results_cut_past_the_newest_checkpoint_resumes_from_it(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    run_dir, marks = _copy_run(two_ckpt_run, tmp_path / "run")
+    with open(run_dir / "results.csv", "r+b") as f:  # `truncate -s -7 results.csv`: rows past step 2 only
+        f.truncate(f.seek(0, 2) - 7)
+    assert (run_dir / "results.csv").stat().st_size > marks[2]["size"]
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    assert "warning" not in err
+
+
+def test_results_cut_right_after_a_checkpoint_falls_back_never_pads(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    # Killed right after checkpoint 2 (results.csv ends at its mark), then `truncate -s -7`: the
+    # file is 7 bytes shorter than checkpoint 2 covers. Old behaviour: 7 NUL bytes, two rows merged.
+    run_dir, marks = _copy_run(two_ckpt_run, tmp_path / "run")
+    with open(run_dir / "results.csv", "r+b") as f:
+        f.truncate(marks[2]["size"] - 7)
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    lines = [l for l in err.splitlines() if l.startswith("warning")]
+    assert len(lines) == 1 and f"checkpoints/2: {str(run_dir / 'results.csv')!r} is 7 bytes shorter" in lines[0]
+    assert lines[0].endswith("using step 1")
+
+
+def test_edited_results_prefix_falls_back_to_the_checkpoint_before(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    run_dir, marks = _copy_run(two_ckpt_run, tmp_path / "run")
+    with open(run_dir / "results.csv", "r+b") as f:  # one byte changed between the two marks
+        f.seek((marks[1]["size"] + marks[2]["size"]) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(b"7" if b != b"7" else b"8")
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    assert "checkpoints/2: " in err and "differs from what the checkpoint recorded" in err and "using step 1" in err
+
+
+def test_garbled_state_npz_falls_back_to_the_older_checkpoint(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    # 4 KiB of random bytes inside the newest checkpoint's state (old behaviour: a false diverged row).
+    run_dir, _ = _copy_run(two_ckpt_run, tmp_path / "run")
+    state = run_dir / "checkpoints" / "2" / "state.npz"
+    with open(state, "r+b") as f:
+        f.seek(state.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    assert f"warning: checkpoint {run_dir / 'checkpoints' / '2'}: state.npz does not match its checksum; " \
+           f"using step 1" in err.splitlines()
+
+
+def test_garbage_meta_json_falls_back_to_the_older_checkpoint(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    run_dir, _ = _copy_run(two_ckpt_run, tmp_path / "run")
+    (run_dir / "checkpoints" / "2" / "meta.json").write_bytes(np.random.default_rng(1).bytes(300))
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    assert "checkpoints/2: meta.json does not parse" in err and "using step 1" in err
+
+
+def test_no_verifying_checkpoint_is_a_one_line_refusal_that_changes_nothing(two_ckpt_run, ds, tmp_path, capsys):
+    from jaxnorm import cli
+    run_dir, marks = _copy_run(two_ckpt_run, tmp_path / "run")
+    (run_dir / "checkpoints" / "2" / "meta.json").write_text("{")
+    with open(run_dir / "checkpoints" / "1" / "state.npz", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    before = _snapshot(run_dir)
+    code = cli.guard(lambda argv: engine.run(cfg_of(**TWO_CKPT), run_dir, quiet=True, dataset=ds), [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: no checkpoint of ") and "checkpoints/2: meta.json does not parse" in err[0]
+    assert "checkpoints/1: state.npz does not match its checksum" in err[0] and "--overwrite" in err[0]
+    assert _snapshot(run_dir) == before  # nothing deleted, truncated or padded
+    # A results file shorter than every checkpoint covers: the same refusal.
+    run2, _ = _copy_run(two_ckpt_run, tmp_path / "run2")
+    with open(run2 / "results.csv", "r+b") as f:
+        f.truncate(marks[1]["size"] - 7)
+    before = _snapshot(run2)
+    with pytest.raises(checkpoint.NoValidCheckpoint, match="7 bytes shorter"):
+        engine.run(cfg_of(**TWO_CKPT), run2, quiet=True, dataset=ds)
+    assert _snapshot(run2) == before
+
+
+def test_finished_run_with_short_results_is_never_nothing_to_do(base_run, two_ckpt_run, ds, tmp_path, capsys):
+    # Finished with an older checkpoint kept: the cut results fail the final checkpoint, the run
+    # resumes from the one before and ends with the uninterrupted rows (old: "nothing to do", 11 of 12 rows).
+    run_dir, _ = _copy_run(two_ckpt_run, tmp_path / "run")
+    engine.run(cfg_of(**TWO_CKPT), run_dir, quiet=True, dataset=ds)
+    with open(run_dir / "results.csv", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 7)
+    err = _resume_to_reference(run_dir, ds, base_run[0], capsys)
+    assert "is 7 bytes shorter" in err and "using step" in err
+    # The base run kept only its final checkpoint: refused, nothing changed.
+    run2, _ = _copy_run(base_run[0], tmp_path / "base")
+    with open(run2 / "results.csv", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 7)
+    before = _snapshot(run2)
+    with pytest.raises(checkpoint.NoValidCheckpoint, match="7 bytes shorter"):
+        engine.run(cfg_of(), run2, quiet=True, dataset=ds)
+    assert _snapshot(run2) == before
+
+
+def test_each_process_verifies_its_own_shard(base_run, ds, tmp_path, capsys):
+    # Two shards written in-process (process_index/process_count, no jax.distributed): a garbled
+    # checkpoint of shard 1 makes shard 1 fall back; shard 0 is untouched by it.
+    kw = dict(quiet=True, dataset=ds, process_count=2, stop_after_dispatches=12)
+    for i in range(2):
+        engine.run(cfg_of(**TWO_CKPT), tmp_path, process_index=i, **kw)
+    steps = sorted(p.name for p in (tmp_path / "checkpoints" / "p1").iterdir())
+    assert len(steps) == 2
+    (tmp_path / "checkpoints" / "p1" / steps[-1] / "meta.json").write_text("[]")
+    capsys.readouterr()
+    for i in range(2):
+        engine.run(cfg_of(**TWO_CKPT), tmp_path, quiet=True, dataset=ds, process_index=i, process_count=2)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"checkpoints/p1/{steps[-1]}: meta.json lacks the checksums" in err
+    assert b"\0" not in (tmp_path / "results.p1.csv").read_bytes()
+    _assert_same_run(tmp_path, base_run[0])
+
+
+def test_writer_truncate_never_grows_a_file(tmp_path):
+    w = results.Writer(tmp_path / "results.csv", ["a", "b"])
+    w.append([dict(a=1, b=2)])
+    size = w.size()
+    with pytest.raises(ValueError, match=f"holds {size} bytes, fewer than the {size + 7} to keep; refusing to pad"):
+        w.truncate(size + 7)
+    assert w.size() == size and b"\0" not in (tmp_path / "results.csv").read_bytes()
+    w.truncate(size - 4)
+    assert w.size() == size - 4
 
 
 # ------------------------------------------------------------------------------------------------
