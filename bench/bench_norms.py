@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from jaxnorm import norms
+from jaxnorm.config import SweepConfig
 from jaxnorm.models import get_model
 
 
@@ -98,7 +99,7 @@ def bench_arch(arch, args):
 
     # --- norms, cold start (before training) ---
     opts = dict(definition=args.definition, norm_layers=args.norm_layers, attention=args.attention, tol=args.tol,
-                max_iters=args.max_iters)
+                max_iters=args.max_iters, dense_method=args.dense_method)
     apply_fn = lambda v, x: model.apply(v, x, False)[0]  # noqa: E731
 
     def one(v, s):
@@ -180,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--definition", default="paper", choices=list(norms.DEFINITIONS))
     ap.add_argument("--norm-layers", default="fold", choices=list(norms.NORM_LAYERS))
     ap.add_argument("--attention", default="stacked", choices=list(norms.ATTENTIONS))
+    ap.add_argument("--dense-method", default=SweepConfig.dense_method, choices=list(norms.DENSE_METHODS),
+                    help="dense spectral norms; default: the sweep's (jaxnorm.config)")
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--max-iters", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
