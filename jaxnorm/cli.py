@@ -16,8 +16,11 @@ Both are printed as ``error: <message>`` on stderr, exit code 2, no traceback (s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
@@ -37,6 +40,44 @@ def message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+@contextlib.contextmanager
+def _reliable_sigint(redeliver_s: float = 0.5):
+    """Ctrl-C that cannot be lost. A KeyboardInterrupt raised while Python runs a gc callback or a
+    finalizer (JAX registers ``_xla_gc_callback``) is printed as "Exception ignored" and dropped, and
+    the run went on to exit 0. Here SIGINT raises KeyboardInterrupt and is re-delivered every
+    ``redeliver_s`` seconds until the main code has seen it (call the yielded function then); a
+    dropped one is not printed. Off the main thread (no signal handlers there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    state = {"seen": False}
+
+    def redeliver():
+        if not state["seen"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if state["seen"]:
+            return
+        t = threading.Timer(redeliver_s, redeliver)
+        t.daemon = True
+        t.start()
+        raise KeyboardInterrupt
+
+    def unraisable(info):
+        if not (state["seen"] is False and isinstance(info.exc_value, KeyboardInterrupt)):
+            previous_hook(info)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, on_sigint), sys.unraisablehook
+    sys.unraisablehook = unraisable
+    try:
+        yield lambda: state.update(seen=True)
+    finally:
+        state["seen"] = True
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
+
+
 def guard(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
           interrupted: str = INTERRUPTED) -> int:
     """Runs ``main(argv)`` and turns user mistakes and Ctrl-C into one stderr line and an exit code.
@@ -45,14 +86,16 @@ def guard(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str
       ``main``'s return value (None -> 0); 2 after a ``ValueError``/``OSError``; 130 after Ctrl-C.
       ``SystemExit`` (argparse's own usage errors, exit 2) passes through.
     """
-    try:
-        code = main(argv)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, OSError) as err:
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        print(f"error: {message(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    with _reliable_sigint() as seen:
+        try:
+            code = main(argv)
+        except KeyboardInterrupt:
+            seen()
+            print(interrupted, file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (ValueError, OSError) as err:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            print(f"error: {message(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
     return 0 if code is None else int(code)

@@ -279,3 +279,30 @@ def test_same_command_twice_is_refused_and_a_killed_run_does_not_block_its_rerun
     df = results.load(out)
     epochs = config_lib.resolve(None, None, REPO / "sweeps" / "demo.toml", {"epochs": 10, "margin_epochs": [10]}).eval_epochs()
     assert sorted(df["epoch"]) == sorted(epochs)  # each evaluation once: no duplicated rows
+
+
+def test_ctrl_c_swallowed_by_a_gc_callback_is_redelivered(capsys):
+    # Seen on jax 0.12: SIGINT landing while JAX's gc callback ran became "Exception ignored in
+    # _xla_gc_callback ... KeyboardInterrupt" and the sweep finished with exit 0.
+    import gc
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # handled here, inside the callback: dropped
+            time.sleep(0.01)
+
+    def main(argv):
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            for _ in range(100):  # the redelivery (0.5 s later) must interrupt this
+                time.sleep(0.02)
+            return 0
+        finally:
+            gc.callbacks.remove(callback)
+
+    fired: list = []
+    assert cli.guard(main, []) == cli.EXIT_INTERRUPTED and fired
+    err = capsys.readouterr().err
+    assert err.strip() == cli.INTERRUPTED and "Exception ignored" not in err
