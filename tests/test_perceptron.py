@@ -206,7 +206,9 @@ def test_storage_problem_margins_match_replica_distribution(x64):
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", False)
     try:
-        run = pc.simulate_fixed_norm(KEY, 500, 0.4, [0.5, 2.0], n_seeds=3, random_labels=True)
+        # tol 1e-3: with jax 0.12 the float32 floor of grad_norm reached 1.4e-4 here (lambda = 2); the
+        # margins' distribution is compared, not the last digits of the minimizer.
+        run = pc.simulate_fixed_norm(KEY, 500, 0.4, [0.5, 2.0], n_seeds=3, random_labels=True, tol=1e-3)
     finally:
         jax.config.update("jax_enable_x64", previous)
     d, p = theory.margin_distribution(np.array([0.5, 2.0]), 0.4, teacher=False)
