@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Keep XLA from oversubscribing small machines; harmless elsewhere.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv venv-new data demo test test-floor test-new test-slow test-all bench perceptron clean
+.PHONY: venv venv-new data demo test test-floor test-new test-slow test-all bench gpu-check gpu-check-tiny perceptron clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ test-all: $(STAMP) $(FMNIST)
 bench: $(STAMP) $(FMNIST)
 	$(PY) -m pip install -q -e '.[bench]'
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The one-shot accelerator check (bench/gpu_check.sh's header says how to carry it to a lent GPU):
+# `make gpu-check` there (its own python3), `make gpu-check-tiny` here (tiny sizes, CPU; also in the suite).
+gpu-check:
+	bash bench/gpu_check.sh
+
+gpu-check-tiny: $(STAMP) $(FMNIST)
+	JAX_PLATFORMS=cpu PY=$(abspath $(PY)) OUT=/tmp/gpu_check_tiny bash bench/gpu_check.sh --tiny
 
 perceptron: $(STAMP)
 	$(PY) -m jaxnorm.sweep --arch perceptron --alpha 5 --out runs/perceptron

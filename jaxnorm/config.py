@@ -30,7 +30,7 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("adam", "adamw")
 EVAL_SCHEDULES = ("every", "log")
 SIZES = ("paper", "small")
-CONV_IMPLS = ("auto", "xla", "patches", "im2col", "phase")  # = jaxnorm.models.CONV_IMPLS
+CONV_IMPLS = ("auto", "xla", "canonical", "patches", "im2col", "phase")  # = jaxnorm.models.CONV_IMPLS
 REPLICA_AXES = ("auto", "vmap", "map")
 NORM_DEFINITIONS = ("paper", "bartlett", "paper_input", "deep_norm")  # = jaxnorm.norms.DEFINITIONS
 NORM_LAYERS = ("fold", "exclude", "include")  # = jaxnorm.norms.NORM_LAYERS

@@ -86,11 +86,12 @@ class RunDirMismatch(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
-def default_steps_per_dispatch(backend: str) -> int:
-    # bench/bench_engine.py on the project's 2-core CPU, LeNet-5 with replica_axis="map" and "phase"
-    # convolutions: 8 steps per dispatch in a rolled lax.scan (bench/engine.json, R = 16: 31,600
-    # images/s; unrolled 25,500; one step per dispatch 29,500). On accelerators a scan of 16 steps
-    # amortizes the dispatch overhead.
+def default_steps_per_dispatch(backend: str, arch: str = "cnn") -> int:
+    # bench/bench_engine.py on the project's 2-core CPU, replica_axis="map": LeNet-5 ("phase" convs)
+    # 8 steps per dispatch in a rolled lax.scan (R = 16: 31,600 images/s; unrolled 25,500; one step
+    # per dispatch 29,500); ResNet-20 and ViT the same (bench/engine.json). On accelerators a scan
+    # of 16 steps amortizes the dispatch overhead.
+    del arch  # one value for every architecture today; kept so that a measurement can differ
     return 8 if backend == "cpu" else 16
 
 
@@ -218,7 +219,7 @@ class Engine:
         self.backend = self.devices[0].platform
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
-        self.K = cfg.steps_per_dispatch or default_steps_per_dispatch(self.backend)
+        self.K = cfg.steps_per_dispatch or default_steps_per_dispatch(self.backend, cfg.arch)
         self.unroll = cfg.scan_unroll or 1  # a rolled scan: fastest on CPU and accelerators (bench_engine)
         self.replica_axis = cfg.replica_axis if cfg.replica_axis != "auto" else default_replica_axis(self.backend)
         ds = dataset if dataset is not None else data_lib.load(cfg.dataset, cfg.data_dir or None)
@@ -263,17 +264,11 @@ class Engine:
         """Traces per compiled program (shared by engines with the same programs)."""
         return self.p.traces + self.evaluator.p.traces
 
-    def estimate_replicas_per_device(self, fraction: float = 0.6) -> int | None:
-        """Replicas per device that fit in ``fraction`` of the device memory, or None when unknown (CPU).
-
-        From XLA's memory analysis of the compiled train dispatch at 1 and 2 replicas per device
-        (``jit(...).lower(...).compile().memory_analysis()``): bytes = base + per_replica * r.
-        """
+    def train_memory(self) -> tuple[int, int] | None:
+        """(fixed bytes, bytes per replica slot) of the compiled train dispatch on one device, from
+        XLA's memory analysis at 1 and 2 replicas per device
+        (``jit(...).lower(...).compile().memory_analysis()``); None where XLA gives none."""
         try:
-            limit = (self.devices[0].memory_stats() or {}).get("bytes_limit")
-            if not limit:
-                return None
-
             def bytes_for(r: int) -> int:
                 R, K, B = r * self.n_dev, self.K, self.cfg.batch_size
                 sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharded)
@@ -284,10 +279,20 @@ class Engine:
                            - m.alias_size_in_bytes)
 
             b1, b2 = bytes_for(1), bytes_for(2)
-            per = max(b2 - b1, 1)
-            return max(1, int((fraction * limit - (b1 - per)) // per))
-        except Exception:  # noqa: BLE001 -- an estimate only; the backend default applies
+        except Exception:  # noqa: BLE001 -- an estimate only
             return None
+        per = max(b2 - b1, 1)
+        return b1 - per, per
+
+    def estimate_replicas_per_device(self, fraction: float = 0.6) -> int | None:
+        """Replicas per device that fit in ``fraction`` of the device memory (:meth:`train_memory`),
+        or None when unknown (CPU)."""
+        limit = (self.devices[0].memory_stats() or {}).get("bytes_limit")
+        mem = self.train_memory() if limit else None
+        if not mem:
+            return None
+        base, per = mem
+        return max(1, int((fraction * limit - base) // per))
 
     # ---------------------------------------------------------------- per-job host data
     def _order(self, j: int) -> replica_lib.DataOrder:

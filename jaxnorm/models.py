@@ -68,6 +68,11 @@ scales there by default); q, k, v share a ``stack`` name (counted as one operato
 
 Convolution implementations (``conv_impl``), same parameters and paths for all:
   "xla"      ``lax.conv_general_dilated``; max pooling by ``reduce_window``.
+  "canonical" the same convolution with a custom VJP that states both gradient convs
+             in XLA:CPU's fast form (NHWC x HWIO -> NHWC, explicit transposes):
+             inside a rolled loop (the engine's scan over steps, lax.map over
+             replicas) XLA:CPU leaves JAX's gradient convs in their raw form and runs
+             them 17-25x slower (``canonical_conv``).
   "patches"  shifted strided slices of the padded input concatenated along
              channels (kh*kw*C, in two concatenates of kw and kh slices), then one
              matmul with the kernel reshaped to (kh*kw*C, C_out); 2x2 max pooling by
@@ -77,7 +82,8 @@ Convolution implementations (``conv_impl``), same parameters and paths for all:
   "phase"    LeNet-5 only: channels-first conv -> max pool -> bias -> ReLU blocks
              (``ConvPoolReLU``); conv1's patch columns ordered by pooling-window
              position so the pooling and its gradient are block-wise.
-  "auto"     on CPU "phase" for cnn, "patches" for resnet and vit; "xla" on GPU/TPU
+  "auto"     on CPU "phase" for cnn, "canonical" for resnet, "patches" for vit; "xla"
+             on GPU/TPU
              (resolved by ``get_model`` from ``jax.default_backend()``).
 bench/bench_conv.py on the 2-core CPU (one run, quiet machine; LeNet-5, batch 64 per
 replica, Adam step, one dispatch per step; images/s at R = 1 / 16 replicas): plain
@@ -106,7 +112,7 @@ ModuleDef = Any  # a Flax module class or a functools.partial of one
 
 MODELS = ("cnn", "resnet", "vit")
 SIZES = ("paper", "small")
-CONV_IMPLS = ("auto", "xla", "patches", "im2col", "phase")
+CONV_IMPLS = ("auto", "xla", "canonical", "patches", "im2col", "phase")
 INPUT_SHAPES = ((28, 28, 1), (32, 32, 3))
 
 BN_MOMENTUM = 0.9  # Flax convention; = PyTorch momentum 0.1
@@ -166,9 +172,11 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None, arch: str = "c
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
-    # Measured in bench/bench_conv.py and bench/bench_engine.py: XLA:CPU's convolutions and
-    # reduce-window pooling are slow for these small channel counts; patches + matmul win.
-    return "phase" if arch == "cnn" else "patches"
+    # Measured in bench/bench_engine.py (and bench/bench_conv.py): LeNet-5's memory-bound
+    # pooling and patch copies are fastest channels-first ("phase"); ResNet-20's 3x3 convs in
+    # XLA's own form with a loop-friendly VJP ("canonical"); the ViT's one patch embedding is a
+    # reshape + matmul ("patches").
+    return {"cnn": "phase", "resnet": "canonical"}.get(arch, "patches")
 
 
 def explicit_pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding) -> list:
@@ -200,6 +208,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", impl
         return jax.lax.conv_general_dilated(
             x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
+    if impl == "canonical":
+        return canonical_conv(x, kernel, strides, tuple(pads))
     if impl == "im2col":
         # Feature order of the patches is (C_in, kh, kw) (see lax docs: "c" + rhs spatial).
         p = jax.lax.conv_general_dilated_patches(
@@ -208,7 +218,64 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", impl
         return p @ kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
     if impl == "patches":
         return _patches(x, (kh, kw), strides, pads) @ kernel.reshape(kh * kw * cin, cout)
-    raise ValueError(f"conv impl={impl!r}; allowed: ('xla', 'patches', 'im2col')")
+    raise ValueError(f"conv impl={impl!r}; allowed: ('xla', 'canonical', 'patches', 'im2col')")
+
+
+# "canonical": XLA convolutions whose gradient convolutions XLA:CPU can run fast inside loops
+# --------------------------------------------------------------------------- #
+# JAX differentiates a conv into two more convs: the input gradient (lhs-dilated by the stride,
+# window-reversed) and the kernel gradient (batch and feature dimensions exchanged,
+# dim_labels f01b_i01o->01bf). Outside loops XLA:CPU's conv canonicalization rewrites both into
+# its one fast form (NHWC x HWIO -> NHWC, handed to Eigen); inside a while loop (lax.scan over
+# steps, lax.map over replicas) it does not, and the generic emitter runs them 17-25x slower
+# (measured: 4 scanned Adam-free steps of one 64x28x28x16 3x3 conv: 1139 ms rolled, 46 ms unrolled).
+# This VJP states both gradient convs in the fast form itself, with explicit transposes, so a
+# rolled loop costs what the unrolled one does. Values and gradients equal lax's (tests).
+DN_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def canonical_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO, zero padding ``pads``) with a loop-friendly VJP.
+
+    Args:
+      x: [B, H, W, C_in]. kernel: [kh, kw, C_in, C_out]. strides: (sh, sw).
+      pads: ((lo, hi), (lo, hi)) explicit zero padding.
+
+    Returns:
+      [B, H_out, W_out, C_out], equal to ``lax.conv_general_dilated``.
+    """
+    return jax.lax.conv_general_dilated(x, kernel, tuple(strides), pads, dimension_numbers=DN_NHWC)
+
+
+def _canonical_conv_fwd(x, kernel, strides, pads):
+    return canonical_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _canonical_conv_bwd(strides, pads, res, g):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    sh, sw = strides
+    # The stride-1 output size; a strided output is its subsample, so its cotangent is g with
+    # (s - 1) zeros between entries (interior padding) and zeros up to that size.
+    hf = x.shape[1] + pads[0][0] + pads[0][1] - kh + 1
+    wf = x.shape[2] + pads[1][0] + pads[1][1] - kw + 1
+    if (sh, sw) != (1, 1):
+        ho, wo = g.shape[1:3]
+        g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, hf - 1 - (ho - 1) * sh, sh - 1),
+                                                     (0, wf - 1 - (wo - 1) * sw, sw - 1), (0, 0, 0)))
+    # dx: full correlation of g with the spatially flipped kernel, C_in and C_out exchanged.
+    dx_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+    dx = jax.lax.conv_general_dilated(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), (1, 1), dx_pads,
+                                      dimension_numbers=DN_NHWC)
+    # dkernel[i, j, ci, co] = sum_{b,h,w} x_pad[b, h+i, w+j, ci] g[b, h, w, co]: a conv with C_in as
+    # its batch, B as its feature axis and g as a [H, W, B, C_out] kernel.
+    dk = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads,
+                                      dimension_numbers=DN_NHWC)
+    return dx, dk.transpose(1, 2, 0, 3)
+
+
+canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
 
 
 def _patches(x: jax.Array, window, strides, pads) -> jax.Array:

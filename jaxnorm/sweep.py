@@ -4,7 +4,7 @@
         [--config FILE] [--p 500,1000] [--seeds N] [--epochs N] [--replicas-per-device N] [--out DIR]
         [--resume | --overwrite] [--quiet] [--data-dir DIR] [--eval-every N | --eval-points N]
         [--size paper|small] [--batch-size N] [--steps-per-dispatch N] [--scan-unroll N]
-        [--conv-impl auto|xla|patches|im2col|phase] [--test-subset N] [--margin-epochs 1,10,100]
+        [--conv-impl auto|xla|canonical|patches|im2col|phase] [--test-subset N] [--margin-epochs 1,10,100]
         [--checkpoint-minutes M] [--checkpoint-epochs N] [--no-plot] [--cache-dir DIR|none]
         [--cpu-devices N] [--distributed [--coordinator-address HOST:PORT --num-processes N --process-id I]]
 

@@ -65,7 +65,7 @@ def test_unknown_key_names_the_allowed_ones():
     ({"weight_decay": 0.1}, r"needs optimizer='adamw'"),
     ({"margin_epochs": [600]}, r"margin_epochs \[600\] exceed epochs=500"),
     ({"lr_overrides": [{"P": 7, "seed": 0, "lr": 1.0}]}, r"not a replica of this sweep"),
-    ({"conv_impl": "fft"}, r"allowed: auto, xla, patches, im2col"),
+    ({"conv_impl": "fft"}, r"allowed: auto, xla, canonical, patches, im2col"),
 ])
 def test_bad_values_name_the_allowed_ones(bad, match):
     with pytest.raises(ValueError, match=match):

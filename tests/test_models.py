@@ -217,7 +217,7 @@ def test_conv_impls_agree_with_xla_in_value_and_gradient(hw, ks, s, pad):
     kx, kk, kg = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (r, b, hw, hw, cin))
     w = jax.random.normal(kk, (r, ks, ks, cin, cout))
-    impls = ("xla", "patches", "im2col")
+    impls = ("xla", "canonical", "patches", "im2col")
 
     @jax.jit
     def run(x, w, g):
@@ -239,6 +239,26 @@ def test_conv_impls_agree_with_xla_in_value_and_gradient(hw, ks, s, pad):
             np.testing.assert_allclose(a, bb, **TOL)
 
 
+@pytest.mark.parametrize("s,pad", [(1, "SAME"), (2, ((1, 1), (1, 1)))])
+def test_canonical_conv_gradients_stay_in_xla_cpus_fast_form_inside_a_loop(s, pad):
+    # Why "canonical" exists: inside a rolled lax.scan, XLA:CPU does not rewrite JAX's gradient
+    # convolutions into the NHWC x HWIO -> NHWC form that it hands to Eigen (17-25x slower).
+    # Every convolution in the optimized HLO of a scanned "canonical" train step must have that
+    # form; the plain lax conv is the control (its kernel gradient keeps f01b_i01o->01bf).
+    def labels(impl):
+        loss = lambda xw: jnp.sum(M.conv2d(*xw, (s, s), pad, impl) ** 2)  # noqa: E731
+        body = lambda xw, _: (jax.tree.map(lambda a, g: a - 1e-3 * g, xw, jax.grad(loss)(xw)), None)  # noqa: E731
+        xw = (jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5)))
+        hlo = jax.jit(lambda xw: jax.lax.scan(body, xw, None, length=3)[0]).lower(xw).compile().as_text()
+        return [line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines()
+                if " convolution(" in line]
+
+    canonical = labels("canonical")
+    assert len(canonical) == 3 and set(canonical) == {"b01f_01io->b01f"}, canonical
+    if jax.default_backend() == "cpu":
+        assert set(labels("xla")) != {"b01f_01io->b01f"}
+
+
 def test_max_pool_impls_agree():
     x = jax.random.normal(jax.random.key(2), (2, 10, 11, 3))
     ref = M.max_pool_2x2(x, "xla")
@@ -251,7 +271,7 @@ def test_max_pool_impls_agree():
 
 def test_auto_conv_impl_is_chosen_per_backend():
     assert M.resolve_conv_impl("auto", "cpu") == "phase"
-    assert M.resolve_conv_impl("auto", "cpu", arch="resnet") == "patches"
+    assert M.resolve_conv_impl("auto", "cpu", arch="resnet") == "canonical"
     assert M.resolve_conv_impl("auto", "cpu", arch="vit") == "patches"
     assert M.resolve_conv_impl("auto", "gpu") == "xla"
     assert M.resolve_conv_impl("auto", "tpu", arch="vit") == "xla"
@@ -329,7 +349,7 @@ def test_model_conv_impls_agree_vmapped(name):
     shape, k = (28, 28, 1), 10
     # im2col is checked layer by layer above; here the full model, pooling included. The parameter
     # structure is the same for every impl (init does not depend on it: same names, shapes, keys).
-    models = {impl: M.get_model(name, shape, k, size="small", conv_impl=impl) for impl in ("xla", "patches")}
+    models = {impl: M.get_model(name, shape, k, size="small", conv_impl=impl) for impl in ("xla", "canonical", "patches")}
     variables = replica_variables(name)
     assert jax.tree.structure(abstract_variables(models["patches"])) == jax.tree.structure(variables)
     x = jax.random.normal(jax.random.key(1), (r, b) + shape)
@@ -340,7 +360,7 @@ def test_model_conv_impls_agree_vmapped(name):
         return jax.jit(jax.vmap(fn))(variables, x, y)
 
     ref_loss, ref_grad = run(models["xla"])
-    for impl in ("patches",):
+    for impl in ("canonical", "patches"):
         loss, grad = run(models[impl])
         np.testing.assert_allclose(loss, ref_loss, **TOL)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), grad, ref_grad)
@@ -430,7 +450,7 @@ def test_adam_steps_reduce_the_loss(name):
         (dict(num_classes=1), ">= 2"),
         (dict(num_classes=2.5), ">= 2"),
         (dict(size="large"), "allowed: \\('paper', 'small'\\)"),
-        (dict(conv_impl="cudnn"), "allowed: \\('auto', 'xla', 'patches', 'im2col', 'phase'\\)"),
+        (dict(conv_impl="cudnn"), "allowed: \\('auto', 'xla', 'canonical', 'patches', 'im2col', 'phase'\\)"),
         (dict(name="vit", conv_impl="phase"), "allowed for 'vit'"),
     ],
 )
