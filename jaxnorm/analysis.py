@@ -29,7 +29,9 @@ Two modes of :func:`analyze`:
   (:func:`fit_censored_power_law`; >= 2 bracketed P, otherwise "not determined" with the
   reason and the bounds), the bracketed-only fit and the paper's end-of-training convention
   beside them; q terms only when a nested-model F test at level ``Q_ALPHA`` asks for them and
-  q > 0, their model uncertainty carried into sigma by model averaging; sigmas from few
+  q > 0, their model uncertainty carried into sigma by model averaging; a floor q1 that Eq. 3's
+  own rule leaves out is weighed again on the joint evidence of Eq. 3's windows and the
+  eps_opt(P) points (Eq. 6 shares q1; ``Q1_JOINT_KEEP``, ``Q1_JOINT_AVERAGE``); sigmas from few
   degrees of freedom are Student-t scaled so that +-sigma is a 68 % interval.
 
 Every exponent is one typed object, :class:`Exponent` (value, sigma, method, n, ...), serialized
@@ -1138,7 +1140,8 @@ def _jackknife_sd(v: np.ndarray) -> float | None:
     return math.sqrt((n - 1) / n * float(np.sum((v - v.mean()) ** 2))) if n >= 3 else None
 
 
-def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, float | None,
+def _pooled_eq3(per: list, alpha: float, jackknife_q, force_q1: bool = False
+                ) -> tuple[PowerLawFit, float | None,
                                                                   float | None]:
     """Eq. 3 on the pooled windows ``per`` (dicts with "lam", "eps" arrays), q1 rule included.
 
@@ -1150,6 +1153,8 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
     Args:
       jackknife_q: the q setting of the jackknife fits that give gamma1's error: None = the
         model chosen here, "auto" = decided afresh in each fit.
+      force_q1: fit with q1 whatever the rule says (the joint evidence of Eq. 3 and Eq. 6 kept
+        the floor: see :func:`_core`); the jackknife fits then keep q1 too.
 
     Returns:
       (fit, jackknife sigma of gamma1 or None, jackknife sigma of q1 or None).
@@ -1171,7 +1176,13 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
 
     f = fit_power_law(lam, eps, with_q=False)
     q_jk = None
-    if len(per) >= 3 and lam.size >= 5:
+    if force_q1 and lam.size >= 5:
+        fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
+        f = fit_power_law(lam, eps, with_q=True)
+        f = dataclasses.replace(f, q_test={**(fq.q_test or {}), "forced": "joint evidence of "
+                                           "Eq. 3 and Eq. 6 (eps_opt(P)) for the floor"})
+        jackknife_q = True
+    elif len(per) >= 3 and lam.size >= 5:
         fq = fit_power_law(lam, eps, with_q="auto", alpha=alpha)
         if fq.q_kept:
             q_jk = _jackknife_sd(jackknife(True)[:, 1])
@@ -1199,6 +1210,13 @@ def _pooled_eq3(per: list, alpha: float, jackknife_q) -> tuple[PowerLawFit, floa
         n = int(lam.size)
         wq = (_q_weight(n, f0.chi2_red * (n - 2), f1.chi2_red * (n - 3))
               if f1 is not None and f1.q > 0 and np.isfinite(f1.sigma_a) else None)
+        if wq is not None and not f.q_kept:
+            # Eq. 3's floor candidate, for Eq. 6 (which shares q1): _core weighs it with the
+            # evidence of Eq. 3's pooled points and of the eps_opt(P) points together.
+            f = dataclasses.replace(f, q_test={**(f.q_test or {}), "q1_candidate": {
+                "q1": float(f1.q), "sigma_q1": float(f1.sigma_q), "n": n,
+                "sse_without": float(f0.chi2_red * (n - 2)),
+                "sse_with": float(f1.chi2_red * (n - 3)), "w_q": wq}})
         if wq is not None and ambiguous:
             alt_q = not f.q_kept
             s_alt = _jackknife_sd(jackknife(alt_q)[:, 0])
@@ -1264,7 +1282,8 @@ def _window_systematic(per: list, f: PowerLawFit) -> dict | None:
 
 
 def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
-               alpha: float = Q_ALPHA, **elbow_kw) -> tuple[Exponent, Exponent]:
+               alpha: float = Q_ALPHA, force_q1: bool = False,
+               **elbow_kw) -> tuple[Exponent, Exponent]:
     """gamma1 without hand choices: one pooled fit of Eq. 3 on every P's early window.
 
     Window rule: for every P >= p_min, the widest stretch from the start of the seed-mean curve
@@ -1291,7 +1310,7 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
     if not per:
         why = "no P has a detectable early power-law window"
         return Exponent.undetermined(method, why), Exponent.undetermined(app, why)
-    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q=None)
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q=None, force_q1=force_q1)
     sigma = s_jk if s_jk is not None else f.sigma_a
     windows = [{k: v for k, v in p.items() if k not in ("lam", "eps")} for p in per]
     g1 = Exponent(value=-f.a, sigma=sigma, method=method, n=f.n_points, k=f.k, q=f.q,
@@ -1319,8 +1338,8 @@ def fit_gamma1(curves: dict, P_used: Iterable[int], *, log: list | None = None,
 
 
 def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int], *,
-                        alpha: float = Q_ALPHA, z: float = 2.0,
-                        log: list | None = None) -> tuple[Exponent, Exponent] | None:
+                        alpha: float = Q_ALPHA, z: float = 2.0, log: list | None = None,
+                        force_q1: bool = False) -> tuple[Exponent, Exponent] | None:
     """gamma1 from one window on the collapse, shared by every P with a bracketed minimum.
 
     Eq. 5 puts every curve's elbow at the same x = lambda/lambda_opt, so the early window is
@@ -1382,7 +1401,7 @@ def fit_gamma1_collapse(curves: dict, opt_P: pd.DataFrame, P_used: Iterable[int]
     per += _window_fits(curves, [P for P in P_used if P not in cur], log, {})
     if n_shared < 3:
         return None
-    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q="auto")
+    f, s_jk, q_jk = _pooled_eq3(per, alpha, jackknife_q="auto", force_q1=force_q1)
     g = np.array([p["gamma1"] for p in per])
     w = 1.0 / np.array([p["sigma"] for p in per]) ** 2
     chi2 = float(np.sum(w * (g - np.sum(w * g) / np.sum(w)) ** 2))
@@ -1827,10 +1846,13 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
             out["gamma1"] = Exponent.undetermined("authors' window", str(e))
         out["gamma1_appendix_d"] = out["gamma1"]
     else:
-        col = fit_gamma1_collapse(curves, opt_P, P_used, alpha=alpha, log=log) \
-            if optimum == "vertex" and not elbow_kw else None
-        out["gamma1"], out["gamma1_appendix_d"] = col if col is not None else fit_gamma1(
-            curves, P_used, log=log, alpha=alpha, **elbow_kw)
+        def gamma1_auto(force_q1=False, log=log):
+            col = fit_gamma1_collapse(curves, opt_P, P_used, alpha=alpha, log=log,
+                                      force_q1=force_q1) \
+                if optimum == "vertex" and not elbow_kw else None
+            return col if col is not None else fit_gamma1(
+                curves, P_used, log=log, alpha=alpha, force_q1=force_q1, **elbow_kw)
+        out["gamma1"], out["gamma1_appendix_d"] = gamma1_auto()
     if authors:
         # The authors' gamma2: a plain log-log line through the grid arg-mins of P >= p_min.
         out["gamma2"] = fit_gamma2(opt_P, P_used, require_bracketed=False, with_q=False,
@@ -1867,22 +1889,59 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
     if not authors:
         for k in ("gamma2", "gamma2_bracketed", "gamma_opt", "gamma_opt_bracketed", "gamma_end"):
             out[k] = _t_scaled(out[k])
-    ma = ((g1.q_test or {}).get("model_average") or {}) if g1.determined else {}
+    cand = ((g1.q_test or {}).get("q1_candidate") or {}) if g1.determined and not g1.q_kept else {}
     go = out["gamma_opt"]
-    if (not authors and ma.get("q1_alternative") and go.determined and not go.q_kept
+    if (not authors and gamma1_window is None and cand and go.determined and not go.q_kept
             and (go.detail or {}).get("t_factor") is not None):
-        # gamma1's fit without q1 was kept though a floor q1 > 0 is plausible: Eq. 6 has the
-        # same q1, so gamma_opt carries that model uncertainty too (same weights).
+        # gamma1's fit kept no floor, but Eq. 3's pooled points admit a q1 > 0. Eq. 6 has the
+        # same q1, so the eps_opt(P) points are evidence too: their joint weight w
+        # (_joint_q1_weight) decides. w >= Q1_JOINT_KEEP: gamma_opt is the fit over that floor
+        # (and gamma1 refitted with one); Q1_JOINT_AVERAGE <= w < Q1_JOINT_KEEP: the fits without
+        # it; in both, sigma carries the other model (same weights); below, the floor has no
+        # support (BIC's Occam factor alone gives a useless parameter w ~ 0.1) and nothing
+        # changes.
         alt = fit_gamma_eps(opt_P, P_used, "eps_opt", alpha=alpha,
-                            q1=tuple(ma["q1_alternative"]))
-        if alt.determined and alt.q_kept:
+                            q1=(cand["q1"], cand["sigma_q1"]))
+        w = None
+        if alt.determined and alt.q_kept and alt.n >= MIN_P_FIT:
+            x = np.asarray(alt.detail["P"], float)
+            y = opt_P.set_index("P").loc[alt.detail["P"], "eps_opt"].to_numpy(float)
+            f0 = fit_power_law(x, y, with_q=False)
+            n_o = int(x.size)
+            w, ev = _joint_q1_weight(cand, n_o, f0.chi2_red * (n_o - 2),
+                                     alt.resid_sd ** 2 * (n_o - 2))
+        if w is not None:
             alt = _t_scaled(alt)
-            sig = _averaged_sigma((go.value, go.sigma), (alt.value, alt.sigma), ma["w_q"])
-            out["gamma_opt"] = dataclasses.replace(go, sigma=sig, detail={
-                **go.detail, "q1_model_average": {"w_q1": ma["w_q"], "sigma_selected": go.sigma,
-                                                  "alternative": [alt.value, alt.sigma]}})
+            # (a censored gamma_opt keeps its value: the floor fit has the bracketed P only)
+            keep = w >= Q1_JOINT_KEEP and not (go.detail or {}).get("censored_P")
+            averaged = w >= Q1_JOINT_AVERAGE
+            sel, other, w_other = (alt, go, 1.0 - w) if keep else (go, alt, w)
+            sig = (_averaged_sigma((sel.value, sel.sigma), (other.value, other.sigma), w_other)
+                   if averaged else sel.sigma)
+            # The other law stays in detail at every w: predict() carries it (w_alternative).
+            method = sel.method + (f"; floor q1 of Eq. 3 kept by the joint evidence of Eq. 3 and "
+                                   f"Eq. 6 (w = {w:.3f})" if keep else "")
+            out["gamma_opt"] = dataclasses.replace(sel, sigma=sig, method=method, detail={
+                **sel.detail, "q1_model_average": {
+                    "w_q1": w, "w_q1_eq3_only": cand["w_q"], "evidence_eps_opt": ev,
+                    "q1": [cand["q1"], cand["sigma_q1"]], "floor_kept": keep,
+                    "sigma_averaged": averaged, "sigma_selected": sel.sigma,
+                    "w_alternative": w_other, "alternative": [other.value, other.sigma],
+                    "alternative_law": {"value": other.value, "k": other.k, "q": other.q,
+                                        "cov": other.cov, "resid_sd": other.resid_sd,
+                                        "n": other.n, "determined": True}}})
             if out["gamma_opt_bracketed"] is go:
                 out["gamma_opt_bracketed"] = out["gamma_opt"]
+            if keep:
+                # Eq. 3 shares the floor: gamma1 is refitted over it (same windows), its sigma
+                # averaged with the no-floor fit's (weight 1 - w).
+                g1q = gamma1_auto(force_q1=True, log=None)[0]
+                if g1q.determined and g1q.q_kept:
+                    out["gamma1"] = dataclasses.replace(g1q, sigma=_averaged_sigma(
+                        (g1q.value, g1q.sigma), (g1.value, g1.sigma), 1.0 - w),
+                        detail={**g1q.detail, "q1_joint": {
+                            "w_q1": w, "sigma_selected": g1q.sigma,
+                            "without_q1": [g1.value, g1.sigma]}})
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
@@ -1891,6 +1950,42 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         gm, method=f"gamma_meas on {on}: " + gm.method,
         detail={**(gm.detail or {}), "quantity": on})
     return out
+
+
+# Weight w of a floor q1 > 0 that Eq. 3's own rule did not keep, from the evidence of Eq. 3's
+# pooled windows and eps_opt(P), which share q1 (_joint_q1_weight): from Q1_JOINT_KEEP on gamma_opt
+# is fitted over that floor (gamma1 refitted with one), from Q1_JOINT_AVERAGE on sigma carries
+# the floor's model uncertainty (below, the floor has no support: BIC's Occam factor alone gives
+# a useless parameter w ~ 0.1).
+Q1_JOINT_KEEP = 0.9
+Q1_JOINT_AVERAGE = 0.2
+
+
+def _joint_q1_weight(cand: dict, n_o: int, sse0: float, sse1: float) -> tuple[float | None, float]:
+    """Weight w of "Eq. 3 and Eq. 6 share the floor cand["q1"] > 0" against "no floor".
+
+    Eq. 3's pooled early windows (``cand``: n points, residual sums of squares of the fits
+    without and with q1) and the eps_opt(P) points (n_o; residual sums of squares of the pure
+    power law, sse0, and of the law over the floor cand["q1"], sse1: the floor costs no
+    parameter there) are independent data, each with its own variance (profiled out). Delta IC
+    = n ln(sse_with / sse_without) + penalty(n) + (n_o - 2) ln(sse1 / sse0): the price of the one
+    extra parameter as in :func:`_q_weight` (the harsher of AICc and BIC); the eps_opt(P) term is
+    the restricted (REML) likelihood, both laws having the same two parameters: with 4-6 P the
+    plain n_o ln(...) counts 2-4 residual degrees of freedom as n_o and kept a floor that was not
+    there in 4 of the study's 50 saturating held-out fits (4 P; z_eps down to -9).
+    w = 1 / (1 + exp(Delta IC / 2)).
+
+    Returns:
+      (w or None when undefined, the eps_opt(P) term (n_o - 2) ln(sse1 / sse0)).
+    """
+    n = int(cand["n"])
+    if n - 4 <= 0 or not (cand["sse_without"] > 0 and cand["sse_with"] > 0 and sse0 > 0
+                          and sse1 > 0):
+        return None, float("nan")
+    pen = max(2 + 24 / (n - 4) - 12 / (n - 3), math.log(n))
+    ev = (n_o - 2) * math.log(sse1 / sse0)
+    d = n * math.log(cand["sse_with"] / cand["sse_without"]) + pen + ev
+    return float(1.0 / (1.0 + math.exp(min(d / 2.0, 700.0)))), float(ev)
 
 
 def _t_scaled(e: Exponent) -> Exponent:
@@ -2163,6 +2258,11 @@ def predict(summary: dict, P: float) -> Prediction:
     """lambda_opt(P) (Eq. 4: k2 P^gamma2 + q2) and eps_opt(P) (Eq. 6's form: k P^-gamma + q,
     the fitted gamma_opt law) at any P, with delta-method errors in ln units.
 
+    When gamma_opt weighed a floor q1 (``detail.q1_model_average``: Eq. 3's candidate floor on the
+    joint evidence of Eq. 3 and Eq. 6), eps_opt's sigma carries the other law (with the floor if
+    the selected one has none, and vice versa) at its weight w: sigma^2 = (1 - w) s_sel^2 +
+    w (s_alt^2 + (ln eps_alt - ln eps_sel)^2); the value is the selected law's.
+
     Args:
       summary: one group's summary from :func:`analyze` (uses its "gamma2" and "gamma_opt").
       P: dataset size (> 0).
@@ -2173,7 +2273,21 @@ def predict(summary: dict, P: float) -> Prediction:
     if not (isinstance(P, (int, float, np.integer, np.floating)) and P > 0):
         raise ValueError(f"P must be a positive number, got {P!r}")
     lo, slo, slo_obs = _predict_law(summary.get("gamma2"), float(P), +1)
-    eo, seo, seo_obs = _predict_law(summary.get("gamma_opt"), float(P), -1)
+    go = summary.get("gamma_opt")
+    eo, seo, seo_obs = _predict_law(go, float(P), -1)
+    qa = ((go or {}).get("detail") or {}).get("q1_model_average") or {}
+    if qa.get("alternative_law") and qa.get("w_q1") is not None:
+        # gamma_opt's q1 model uncertainty (a floor that Eq. 3 admits, kept or not by the joint
+        # evidence): the prediction's sigma carries the other law, same weight (value: the
+        # selected law).
+        try:
+            ea, sea, sea_obs = _predict_law(qa["alternative_law"], float(P), -1)
+        except ValueError:
+            ea = None
+        if ea is not None:
+            w, d2 = float(qa.get("w_alternative", qa["w_q1"])), (math.log(ea) - math.log(eo)) ** 2
+            seo = math.sqrt((1 - w) * seo ** 2 + w * (sea ** 2 + d2))
+            seo_obs = math.sqrt((1 - w) * seo_obs ** 2 + w * (sea_obs ** 2 + d2))
     return Prediction(float(P), lo, slo, slo_obs, eo, seo, seo_obs)
 
 
