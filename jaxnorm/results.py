@@ -9,8 +9,8 @@ row batch is one ``write`` + ``fsync``; a multi-process run writes one shard per
 
 Columns: arch, dataset, size, P, seed, replica (stable id P*1000 + seed), epoch (epochs trained:
 step / ceil(P / batch_size), 0 = initialization; an integer column unless some evaluation is off an
-epoch boundary, e.g. ``eval_schedule="log_steps"``, then float), step (optimizer steps taken), test_error, test_loss, train_error,
-train_loss, spectral_complexity (paper Eq. 2), wall_time (seconds since the run started,
+epoch boundary, e.g. ``eval_schedule="log_steps"``, then float), step (optimizer steps taken),
+test_error, test_loss, train_error, train_loss, spectral_complexity (paper Eq. 2), wall_time (seconds since the run started,
 summed over resumes), diverged (True on the single row that flags a replica stopped for
 non-finite loss or gradients; its metrics are NaN), lr, and per layer
 ``norm/<layer>/spec`` (||A_i||_sigma) and ``norm/<layer>/l21`` (||A_i^T - M_i^T||_{2,1}).
