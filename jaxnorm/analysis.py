@@ -653,7 +653,7 @@ def clean(df: pd.DataFrame, log: list | None = None) -> pd.DataFrame:
     key = ["P", "seed", "epoch"]
     dup = out.duplicated(key, keep=False)
     if dup.any():
-        rows = sorted({tuple(int(v) for v in r) for r in out.loc[dup, key].itertuples(index=False)})
+        rows = sorted({tuple(_epoch_value(v) for v in r) for r in out.loc[dup, key].itertuples(index=False)})
         more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
         raise ValueError(f"duplicated (P, seed, epoch) rows: {rows[:10]}{more}; each replica may "
                          "report an evaluation epoch once (concatenated runs of the same replica?)")
@@ -678,6 +678,12 @@ def clean(df: pd.DataFrame, log: list | None = None) -> pd.DataFrame:
     if len(out) == 0:
         raise ValueError("no usable rows: every replica diverged or has a NaN test error / norm")
     return out.sort_values(key).reset_index(drop=True)
+
+
+def _epoch_value(v) -> int | float:
+    """An epoch as a plain number: int on an epoch boundary, float between (``eval_schedule="log_steps"``)."""
+    v = float(v)
+    return int(v) if v.is_integer() else v
 
 
 def _note(log, msg):
@@ -830,9 +836,9 @@ def optima(df: pd.DataFrame, method: str = "vertex", log: list | None = None) ->
         rows.append(dict(P=int(P), seed=int(seed), lambda_opt=o["lambda_opt"],
                          eps_opt=o["eps_opt"], bracketed=o["bracketed"],
                          lambda_argmin=o["lambda_argmin"], eps_argmin=o["eps_argmin"],
-                         epoch_opt=int(g["epoch"].iloc[o["index"]]),
+                         epoch_opt=_epoch_value(g["epoch"].iloc[o["index"]]),
                          eps_end=float(last["test_error"]), lambda_end=float(last["spectral_complexity"]),
-                         epoch_end=int(last["epoch"]), n_points=len(g)))
+                         epoch_end=_epoch_value(last["epoch"]), n_points=len(g)))
     out = pd.DataFrame(rows)
     nb = out.loc[~out["bracketed"], ["P", "seed"]] if len(out) else out
     if log is not None and len(nb):

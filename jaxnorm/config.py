@@ -25,10 +25,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ARCHS = ("cnn", "resnet", "vit")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("adam", "adamw")
-EVAL_SCHEDULES = ("every", "log")
+EVAL_SCHEDULES = ("every", "log", "log_steps")
 SIZES = ("paper", "small")
 CONV_IMPLS = ("auto", "xla", "canonical", "patches", "im2col", "phase")  # = jaxnorm.models.CONV_IMPLS
 REPLICA_AXES = ("auto", "vmap", "map")
@@ -52,8 +54,15 @@ class SweepConfig:
         (replica (P, s) derives its subset, init and data order from (sweep_seed, P, s)).
       epochs, batch_size, optimizer ("adam" | "adamw"), lr, weight_decay (AdamW only; the
         paper uses 0), adam_b1, adam_b2, adam_eps (PyTorch/optax defaults).
-      eval_schedule: "every" (every ``eval_every`` epochs) or "log" (``eval_points``
-        log-spaced epochs); ``eval_at_init`` adds epoch 0; the last epoch is always evaluated.
+      eval_schedule: when a replica is evaluated (:meth:`eval_steps`); the last step always is,
+        ``eval_at_init`` adds step 0 (the initialization):
+        "every": every ``eval_every`` epochs (the same epochs for every P);
+        "log": ``eval_points`` log-spaced epochs in [1, epochs] (:func:`eval_epochs`);
+        "log_steps": ``eval_points`` log-spaced optimizer steps in [1, epochs * ceil(P / batch_size)]
+          for each P (:func:`log_spaced_steps`), rounded and deduplicated: the early phase of every P is
+          sampled, not only epoch boundaries (for large P one epoch is already deep into training; the
+          paper logs 50 log-spaced points per curve). Small P get fewer distinct steps; evaluations off
+          an epoch boundary have a fractional ``epoch`` column (step / steps per epoch).
       test_subset: 0 = the full test split; n > 0 = a fixed subset of n test examples
         (the first n of a permutation of the test split drawn with numpy seed 0).
       train_eval_max: 0 = train error/loss on the replica's whole subset; n > 0 = on its first
@@ -130,10 +139,37 @@ class SweepConfig:
         """The sorted epochs (0 = initialization) at which every replica is evaluated.
 
         The schedule's epochs plus ``margin_epochs`` (margins are computed by an evaluation).
+
+        Raises:
+          ValueError: ``eval_schedule="log_steps"``, whose evaluations are steps that depend on P
+            (use :meth:`eval_steps`).
         """
+        if self.eval_schedule == "log_steps":
+            raise ValueError("eval_schedule='log_steps' evaluates at optimizer steps that depend on P; "
+                             "use SweepConfig.eval_steps(steps_per_epoch)")
         ev = eval_epochs(self.epochs, self.eval_schedule, self.eval_every, self.eval_points,
                          self.eval_at_init)
         return tuple(sorted(set(ev) | set(self.margin_epochs)))
+
+    def eval_steps(self, steps_per_epoch: int) -> tuple[int, ...]:
+        """The sorted optimizer-step counts (0 = initialization) at which a replica is evaluated.
+
+        A replica takes ``steps_per_epoch`` = ceil(P / batch_size) steps per epoch
+        (:func:`jaxnorm.schedule.make_jobs`), ``epochs * steps_per_epoch`` in all. Epoch schedules
+        ("every", "log") give ``epoch * steps_per_epoch`` for each of :meth:`eval_epochs`;
+        "log_steps" gives :func:`log_spaced_steps` of the replica's total steps. Both add
+        ``margin_epochs * steps_per_epoch`` (margins are saved at epoch boundaries).
+
+        Args:
+          steps_per_epoch: optimizer steps of one epoch of this replica (>= 1).
+
+        Returns:
+          Sorted distinct ints in [0, epochs * steps_per_epoch]; the last is always included.
+        """
+        if self.eval_schedule != "log_steps":
+            return tuple(e * steps_per_epoch for e in self.eval_epochs())
+        grid = log_spaced_steps(self.epochs * steps_per_epoch, self.eval_points, self.eval_at_init)
+        return tuple(sorted(set(grid) | {e * steps_per_epoch for e in self.margin_epochs}))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -165,6 +201,29 @@ def eval_epochs(epochs: int, schedule: str, every: int, points: int, at_init: bo
     if at_init:
         ev.add(0)
     return tuple(sorted(e for e in ev if 0 <= e <= epochs))
+
+
+def log_spaced_steps(total_steps: int, points: int, at_init: bool) -> tuple[int, ...]:
+    """``points`` optimizer steps log-spaced in [1, total_steps], rounded to integers and deduplicated.
+
+    The "log_steps" schedule of one replica: ``np.geomspace(1, total_steps, points)`` rounded
+    (numpy's round half to even), distinct values only, so a short run (small P) simply has fewer
+    points; ``total_steps`` is always included, step 0 (the initialization) when ``at_init``.
+
+    Args:
+      total_steps: the replica's optimizer steps, epochs * steps_per_epoch (>= 1).
+      points: log-spaced points before deduplication (>= 2: the grid's two ends).
+      at_init: also evaluate at step 0.
+
+    Returns:
+      Sorted distinct ints; e.g. (0, 1, 2, 3, 6, 10) for (10, 5, True).
+    """
+    # geomspace pins both ends exactly (1 and total_steps), so no rounding can lose the last step;
+    # it is added anyway for points = 1.
+    grid = {int(s) for s in np.round(np.geomspace(1, total_steps, points))} | {total_steps}
+    if at_init:
+        grid.add(0)
+    return tuple(sorted(grid))
 
 
 def _logspace(n: int, top: int) -> list[float]:
@@ -303,6 +362,9 @@ def validate(cfg: SweepConfig) -> None:
         raise ValueError(f"weight_decay={cfg.weight_decay!r}; allowed: >= 0")
     if cfg.weight_decay > 0 and cfg.optimizer != "adamw":
         raise ValueError(f"weight_decay={cfg.weight_decay} needs optimizer='adamw' (got {cfg.optimizer!r})")
+    if cfg.eval_schedule == "log_steps" and cfg.eval_points < 2:
+        raise ValueError(f"eval_points={cfg.eval_points!r} with eval_schedule='log_steps'; allowed: an integer >= 2 "
+                         f"(the log-spaced grid runs from step 1 to the last step)")
     if cfg.checkpoint_minutes < 0:
         raise ValueError(f"checkpoint_minutes={cfg.checkpoint_minutes!r}; allowed: >= 0")
     bad = [e for e in cfg.margin_epochs if e > cfg.epochs]

@@ -242,7 +242,9 @@ class Engine:
                                                 self.y_train, eval_batch=cfg.eval_batch, test_subset=cfg.test_subset,
                                                 train_eval_max=cfg.train_eval_max, norm_kw=norm_kw)
         seeds = range(cfg.seed_start, cfg.seed_start + cfg.seeds)
-        all_jobs = schedule_lib.make_jobs(cfg.P, seeds, cfg.epochs, cfg.batch_size, cfg.eval_epochs(), cfg.lr,
+        # cfg.eval_steps: evaluation steps per job from its steps per epoch (epoch schedules give epoch
+        # boundaries, "log_steps" log-spaced steps that depend on P).
+        all_jobs = schedule_lib.make_jobs(cfg.P, seeds, cfg.epochs, cfg.batch_size, cfg.eval_steps, cfg.lr,
                                           cfg.lr_overrides)
         self.jobs = schedule_lib.process_share(all_jobs, process_index, process_count)
         self._orders: dict[int, replica_lib.DataOrder] = {}
@@ -331,12 +333,13 @@ class Engine:
 
     def _evaluate(self, states, due: list[tuple[int, int, int]], wall: float):
         cfg = self.cfg
-        epochs = [self.jobs[j].epoch(step) for _, j, step in due]
-        want_margins = any(e in cfg.margin_epochs for e in epochs)
+        epochs = [self.jobs[j].epoch(step) for _, j, step in due]  # int on an epoch boundary, else float
+        margin = [isinstance(e, int) and e in cfg.margin_epochs for e in epochs]
+        want_margins = any(margin)
         states, res = self.evaluator(states, [r for r, _, _ in due], [self._order(j).subset for _, j, _ in due],
                                      want_margins)
         rows = []
-        for i, ((r, j, step), epoch) in enumerate(zip(due, epochs)):
+        for i, ((r, j, step), epoch, save) in enumerate(zip(due, epochs, margin)):
             job = self.jobs[j]
             row = self._row(job, step, wall, test_error=res.test_error[i], test_loss=res.test_loss[i],
                             train_error=res.train_error[i], train_loss=res.train_loss[i],
@@ -345,7 +348,7 @@ class Engine:
             for name, d in res.layers.items():
                 row.update({f"norm/{name}/{k}": v[i] for k, v in d.items()})
             rows.append(row)
-            if want_margins and epoch in cfg.margin_epochs:
+            if save:
                 results_lib.save_margins(self.out, job.P, job.seed, epoch, res.margins[i])
         self.results.append(rows)
         return states

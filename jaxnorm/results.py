@@ -7,9 +7,10 @@ row batch is one ``write`` + ``fsync``; a multi-process run writes one shard per
 ``margins/P{P}_s{seed}_e{epoch}.npy`` (raw test margins f_y - max_{j != y} f_j, float32
 [n_test_eval]).
 
-Columns: arch, dataset, size, P, seed, replica (stable id P*1000 + seed), epoch (0 =
-initialization), step (optimizer steps taken), test_error, test_loss, train_error,
-train_loss, spectral_complexity (paper Eq. 2), wall_time (seconds since the run started,
+Columns: arch, dataset, size, P, seed, replica (stable id P*1000 + seed), epoch (epochs trained:
+step / ceil(P / batch_size), 0 = initialization; an integer column unless some evaluation is off an
+epoch boundary, e.g. ``eval_schedule="log_steps"``, then float), step (optimizer steps taken),
+test_error, test_loss, train_error, train_loss, spectral_complexity (paper Eq. 2), wall_time (seconds since the run started,
 summed over resumes), diverged (True on the single row that flags a replica stopped for
 non-finite loss or gradients; its metrics are NaN), lr, and per layer
 ``norm/<layer>/spec`` (||A_i||_sigma) and ``norm/<layer>/l21`` (||A_i^T - M_i^T||_{2,1}).
@@ -32,7 +33,7 @@ MARGIN_DIR = "margins"
 BASE_COLUMNS = ("arch", "dataset", "size", "P", "seed", "replica", "epoch", "step", "test_error",
                 "test_loss", "train_error", "train_loss", "spectral_complexity", "wall_time", "diverged", "lr")
 
-_INT = ("P", "seed", "replica", "epoch", "step")
+_INT = ("P", "seed", "replica", "step")
 
 
 def load(run_dir: str | Path | Sequence[str | Path]) -> pd.DataFrame:
@@ -59,6 +60,9 @@ def load(run_dir: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     for c in _INT:
         if c in df:
             df[c] = df[c].astype(np.int64)
+    if "epoch" in df:  # integral: epoch-boundary evaluations only (every run before "log_steps")
+        ep = df["epoch"].astype(np.float64)
+        df["epoch"] = ep.astype(np.int64) if (ep == np.floor(ep)).all() else ep
     if "diverged" in df:
         df["diverged"] = df["diverged"].astype(str).str.lower().eq("true")
     return df.sort_values(["P", "seed", "epoch", "diverged"], kind="stable").reset_index(drop=True)
@@ -80,7 +84,9 @@ def _read(path: Path) -> pd.DataFrame:
     raw = path.read_bytes()
     cut = raw.rfind(b"\n")  # a torn last line: a crash in the middle of a write
     raw = raw[: cut + 1] if cut >= 0 else b""
-    return pd.read_csv(io.BytesIO(raw)) if raw.count(b"\n") > 1 else pd.DataFrame()
+    # round_trip: pandas' default float parser is off by one ulp on some values (2.3333333333333335,
+    # the epoch 7/3 of a "log_steps" evaluation, read back as 2.333333333333333); _fmt writes repr.
+    return pd.read_csv(io.BytesIO(raw), float_precision="round_trip") if raw.count(b"\n") > 1 else pd.DataFrame()
 
 
 def load_config(run_dir: str | Path) -> dict:

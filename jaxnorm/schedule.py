@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class Job:
       P, seed: training-set size and seed index.
       lr: its learning rate.
       steps_per_epoch: ceil(P / batch_size).
-      eval_steps: sorted optimizer-step counts at which it is evaluated (epochs * steps_per_epoch).
+      eval_steps: sorted optimizer-step counts at which it is evaluated (0 = initialization); epoch
+        boundaries (epoch * steps_per_epoch) or any step (``SweepConfig.eval_steps``, "log_steps").
       total_steps: epochs * steps_per_epoch.
     """
 
@@ -55,21 +56,43 @@ class Job:
     eval_steps: tuple[int, ...]
     total_steps: int
 
-    def epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def epoch(self, step: int) -> int | float:
+        """Epochs trained after ``step`` optimizer steps: step / steps_per_epoch, an int on an epoch
+        boundary (the ``epoch`` column; a float between boundaries)."""
+        q, r = divmod(step, self.steps_per_epoch)
+        return q if r == 0 else step / self.steps_per_epoch
+
+
+# The evaluation points of a sweep, given to make_jobs: the same epochs for every job (epoch 0 =
+# initialization), or a function steps_per_epoch -> sorted evaluation steps for schedules whose steps
+# depend on P (jaxnorm.config.SweepConfig.eval_steps, e.g. "log_steps").
+EvalPoints = Union[Sequence[int], Callable[[int], Sequence[int]]]
 
 
 def make_jobs(P: Sequence[int], seeds: Sequence[int], epochs: int, batch_size: int,
-              eval_epochs: Sequence[int], lr: float = 1e-3,
+              eval_epochs: EvalPoints, lr: float = 1e-3,
               lr_overrides: Sequence[tuple[int, int, float]] = ()) -> list[Job]:
-    """The sweep's jobs, longest first (LPT order)."""
+    """The sweep's jobs, longest first (LPT order).
+
+    Args:
+      P, seeds: the replicas (P, seed).
+      epochs, batch_size: each job takes epochs * ceil(P / batch_size) optimizer steps.
+      eval_epochs: evaluation epochs shared by every job (converted to epoch * steps_per_epoch), or a
+        callable steps_per_epoch -> evaluation steps (:data:`EvalPoints`).
+      lr, lr_overrides: the learning rate, and {(P, seed): lr} exceptions.
+    """
     over = {(p, s): l for p, s, l in lr_overrides}
     specs = sorted(((p, s) for p in P for s in seeds), key=lambda ps: (-ps[0], ps[1]))
     jobs = []
     for i, (p, s) in enumerate(specs):
         spe = -(-p // batch_size)
-        jobs.append(Job(i, p * 1000 + s, p, s, float(over.get((p, s), lr)), spe,
-                        tuple(e * spe for e in eval_epochs), epochs * spe))
+        if callable(eval_epochs):
+            ev = tuple(sorted(set(int(x) for x in eval_epochs(spe))))
+        else:
+            ev = tuple(e * spe for e in eval_epochs)
+        if ev and not 0 <= min(ev) <= max(ev) <= epochs * spe:  # a step past the end is never reached
+            raise ValueError(f"evaluation steps {min(ev)}..{max(ev)} of P={p} outside 0..{epochs * spe}")
+        jobs.append(Job(i, p * 1000 + s, p, s, float(over.get((p, s), lr)), spe, ev, epochs * spe))
     return jobs
 
 
@@ -272,9 +295,11 @@ class SlotPool:
 
 
 def simulate_idle_fraction(P: Sequence[int], seeds: int, epochs: int, batch_size: int,
-                           eval_epochs: Sequence[int], n_slots: int, steps_per_dispatch: int = 1,
+                           eval_epochs: EvalPoints, n_slots: int, steps_per_dispatch: int = 1,
                            n_devices: int = 1) -> dict:
     """Runs :meth:`SlotPool.next_dispatch` without training and returns its idle fraction.
+
+    ``eval_epochs`` as in :func:`make_jobs` (epochs, or ``SweepConfig.eval_steps``).
 
     With K = 1, the dispatches up to the next event of any slot are applied at once (they are
     identical), which changes nothing but the simulation's speed.

@@ -3,6 +3,7 @@
     python -m jaxnorm.sweep --arch {cnn,resnet,vit,perceptron} --dataset {mnist,fashion_mnist,cifar10,cifar100}
         [--config FILE] [--p 500,1000] [--seeds N] [--epochs N] [--replicas-per-device N] [--out DIR]
         [--resume | --overwrite] [--quiet] [--data-dir DIR] [--eval-every N | --eval-points N]
+        [--eval-schedule every|log|log_steps]
         [--size paper|small] [--batch-size N] [--steps-per-dispatch N] [--scan-unroll N]
         [--conv-impl auto|xla|canonical|patches|im2col|phase] [--test-subset N] [--margin-epochs 1,10,100]
         [--checkpoint-minutes M] [--checkpoint-epochs N] [--no-plot] [--cache-dir DIR|none]
@@ -75,8 +76,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--size", choices=config_lib.SIZES, help="model size: paper or small (CPU)")
-    ap.add_argument("--eval-every", type=int, help="evaluate every N epochs")
-    ap.add_argument("--eval-points", type=int, help="evaluate on N log-spaced epochs instead")
+    ap.add_argument("--eval-schedule", choices=config_lib.EVAL_SCHEDULES,
+                    help="every: every --eval-every epochs; log: --eval-points log-spaced epochs; log_steps: "
+                         "--eval-points log-spaced optimizer steps per P, from step 1 (see jaxnorm.config)")
+    ap.add_argument("--eval-every", type=int, help="evaluate every N epochs (implies --eval-schedule every)")
+    ap.add_argument("--eval-points", type=int,
+                    help="N log-spaced evaluations: keeps a log or log_steps schedule of the config, "
+                         "else selects log (epochs)")
     ap.add_argument("--test-subset", type=int, help="evaluate on a fixed subset of N test examples (0 = all)")
     ap.add_argument("--train-eval-max", type=int, help="train error on at most N examples (0 = whole subset)")
     ap.add_argument("--margin-epochs", type=_ints, help="epochs at which test margins are saved")
@@ -105,7 +111,35 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _overrides(args) -> dict:
+def _eval_overrides(args, schedule: str | None = None) -> dict:
+    """The evaluation-schedule fields from --eval-schedule, --eval-every and --eval-points.
+
+    ``schedule`` is the config file's ``eval_schedule`` (None: none set). --eval-points keeps a log
+    schedule of the file ("log" or "log_steps") rather than silently turning "log_steps" into "log".
+
+    Raises:
+      ValueError: the flags contradict each other (named).
+    """
+    o: dict = {}
+    if args.eval_every is not None and args.eval_points is not None:
+        raise ValueError("--eval-every and --eval-points contradict each other; give one")
+    if args.eval_schedule is not None:
+        o["eval_schedule"] = args.eval_schedule
+    if args.eval_every is not None:
+        if o.get("eval_schedule", "every") != "every":
+            raise ValueError(f"--eval-every {args.eval_every} goes with --eval-schedule every, not "
+                             f"{args.eval_schedule}; use --eval-points for log schedules")
+        o.update(eval_schedule="every", eval_every=args.eval_every)
+    if args.eval_points is not None:
+        if o.get("eval_schedule") == "every":
+            raise ValueError(f"--eval-points {args.eval_points} goes with --eval-schedule log or log_steps, not every; "
+                             "use --eval-every N for every N epochs")
+        o.setdefault("eval_schedule", schedule if schedule in ("log", "log_steps") else "log")
+        o["eval_points"] = args.eval_points
+    return o
+
+
+def _overrides(args, schedule: str | None = None) -> dict:
     o = dict(P=args.p, seeds=args.seeds, seed_start=args.seed_start, sweep_seed=args.sweep_seed,
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, size=args.size,
              test_subset=args.test_subset, train_eval_max=args.train_eval_max, margin_epochs=args.margin_epochs,
@@ -113,10 +147,7 @@ def _overrides(args) -> dict:
              scan_unroll=args.scan_unroll, eval_batch=args.eval_batch, conv_impl=args.conv_impl,
              checkpoint_minutes=args.checkpoint_minutes, checkpoint_epochs=args.checkpoint_epochs,
              data_dir=args.data_dir)
-    if args.eval_every is not None:
-        o.update(eval_schedule="every", eval_every=args.eval_every)
-    if args.eval_points is not None:
-        o.update(eval_schedule="log", eval_points=args.eval_points)
+    o.update(_eval_overrides(args, schedule))
     return {k: v for k, v in o.items() if v is not None}
 
 
@@ -219,7 +250,8 @@ def _main(argv=None) -> int:
     if args.resume and args.overwrite:
         ap.error("--resume and --overwrite contradict each other")
     try:
-        cfg = config_lib.resolve(args.arch, args.dataset, args.config, _overrides(args))
+        schedule = config_lib.load_toml(args.config).get("eval_schedule") if args.config else None
+        cfg = config_lib.resolve(args.arch, args.dataset, args.config, _overrides(args, schedule))
     except ValueError as err:
         ap.error(str(err))
     out = Path(args.out or f"runs/{cfg.arch}_{cfg.dataset}")

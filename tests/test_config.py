@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxnorm import config as C
@@ -61,7 +62,12 @@ def test_unknown_key_names_the_allowed_ones():
     ({"P": [10, 10]}, r"repeated"),
     ({"epochs": 0}, r"epochs=0; allowed: an integer >= 1"),
     ({"lr": "fast"}, r"lr='fast'; allowed: a number"),
-    ({"eval_schedule": "sometimes"}, r"allowed: every, log"),
+    ({"eval_schedule": "sometimes"}, r"eval_schedule='sometimes'; allowed: every, log, log_steps$"),
+    ({"eval_schedule": "log-steps"}, r"eval_schedule='log-steps'; allowed: every, log, log_steps$"),
+    ({"eval_schedule": "log_steps", "eval_points": 0}, r"eval_points=0; allowed: an integer >= 1$"),
+    ({"eval_schedule": "log_steps", "eval_points": 1}, r"eval_points=1 with eval_schedule='log_steps'; allowed: an "
+                                                       r"integer >= 2"),
+    ({"eval_schedule": "log_steps", "eval_points": 12.5}, r"eval_points=12.5; allowed: an integer$"),
     ({"weight_decay": 0.1}, r"needs optimizer='adamw'"),
     ({"margin_epochs": [600]}, r"margin_epochs \[600\] exceed epochs=500"),
     ({"lr_overrides": [{"P": 7, "seed": 0, "lr": 1.0}]}, r"not a replica of this sweep"),
@@ -76,6 +82,69 @@ def test_eval_epochs_every_and_log():
     assert C.eval_epochs(5, "every", 2, 0, True) == (0, 2, 4, 5)
     ev = C.eval_epochs(1000, "log", 1, 4, False)
     assert ev == (1, 10, 100, 1000)  # 4 log-spaced points in [1, 1000]
+
+
+def _geomspace_grid(total: int, points: int) -> list[int]:
+    """The reference "log_steps" grid: np.geomspace rounded, deduplicated (the issue's definition)."""
+    return [int(x) for x in np.unique(np.round(np.geomspace(1, total, points)))]
+
+
+@pytest.mark.parametrize("P, batch, epochs, points", [
+    (4000, 64, 150, 50),   # Fashion-MNIST CNN: 63 steps per epoch, 9450 steps
+    (48000, 64, 500, 50),  # the paper's largest MNIST P: 750 steps per epoch
+    (89, 64, 500, 50),     # the smallest: 2 steps per epoch
+    (512, 64, 3, 12),
+])
+def test_log_steps_grid_is_rounded_geomspace_from_step_one_to_the_last(P, batch, epochs, points):
+    spe = -(-P // batch)
+    cfg = C.from_dict({**C.paper_defaults("cnn", "fashion_mnist"), "P": [P], "batch_size": batch, "epochs": epochs,
+                       "eval_schedule": "log_steps", "eval_points": points})
+    grid = cfg.eval_steps(spe)
+    assert list(grid) == [0] + _geomspace_grid(epochs * spe, points)
+    assert grid[1] == 1 and grid[-1] == epochs * spe and len(grid) <= points + 1
+    no_init = C.from_dict({**cfg.to_dict(), "eval_at_init": False})
+    assert list(no_init.eval_steps(spe)) == _geomspace_grid(epochs * spe, points)
+
+
+def test_log_steps_by_hand_and_small_P_get_fewer_distinct_steps():
+    # 10^(k/4) for k = 0..4: 1, 1.78, 3.16, 5.62, 10 -> 1, 2, 3, 6, 10.
+    assert C.log_spaced_steps(10, 5, True) == (0, 1, 2, 3, 6, 10)
+    # P = 128, batch 64, 3 epochs: 6 steps; 12 log-spaced points collapse to every step 1..6.
+    assert C.log_spaced_steps(6, 12, False) == (1, 2, 3, 4, 5, 6)
+    # One step in all: the initialization and the end.
+    assert C.log_spaced_steps(1, 12, True) == (0, 1)
+    # The early phase of a large P (4000 / 64 -> 63 steps per epoch, 150 epochs): 50 points put 18
+    # evaluations inside the first epoch, where an epoch schedule has one (epoch 1); 4 rounded pairs merge.
+    grid = C.log_spaced_steps(150 * 63, 50, True)
+    assert [s for s in grid if 0 < s <= 63] == [1, 2, 3, 4, 5, 6, 8, 9, 11, 14, 16, 20, 24, 29, 35, 42, 51, 61]
+    assert len(grid) == 1 + 45
+
+
+def test_log_steps_adds_margin_epochs_at_epoch_boundaries_and_has_no_epoch_list():
+    cfg = C.from_dict({**C.paper_defaults("cnn", "fashion_mnist"), "epochs": 150, "eval_schedule": "log_steps",
+                       "eval_points": 5, "margin_epochs": [50]})
+    spe = 63
+    assert 50 * spe not in C.log_spaced_steps(150 * spe, 5, True)
+    assert cfg.eval_steps(spe) == tuple(sorted(set(C.log_spaced_steps(150 * spe, 5, True)) | {50 * spe}))
+    with pytest.raises(ValueError, match=r"depend on P; use SweepConfig.eval_steps"):
+        cfg.eval_epochs()
+
+
+def test_epoch_schedules_give_epoch_boundary_steps():
+    cfg = C.from_dict({**C.paper_defaults("cnn", "fashion_mnist"), "epochs": 5, "eval_schedule": "every",
+                       "eval_every": 2})
+    assert cfg.eval_steps(7) == (0, 14, 28, 35)
+
+
+def test_a_toml_file_selects_log_steps(tmp_path):
+    text = (SWEEPS / "demo.toml").read_text().replace('eval_schedule = "log"', 'eval_schedule = "log_steps"')
+    assert 'eval_schedule = "log_steps"' in text
+    (tmp_path / "s.toml").write_text(text)
+    cfg = C.resolve(file=tmp_path / "s.toml")
+    assert cfg.eval_schedule == "log_steps" and cfg.eval_points == 16
+    spe = -(-cfg.P[-1] // cfg.batch_size)
+    assert set(_geomspace_grid(cfg.epochs * spe, 16)) <= set(cfg.eval_steps(spe))
+    assert C.from_json(C.to_json(cfg)) == cfg
 
 
 def test_config_json_round_trip():
@@ -128,6 +197,43 @@ def test_cli_overrides_reach_the_config():
     cfg = C.resolve(args.arch, args.dataset, args.config, sweep._overrides(args))
     assert cfg.P == (500, 1000) and cfg.seeds == 2 and cfg.eval_schedule == "log" and cfg.eval_points == 30
     assert cfg.size == "small" and cfg.epochs == 500
+
+
+def _cli_cfg(argv, config=None):
+    args = sweep.parser().parse_args(["--arch", "cnn", "--dataset", "fashion_mnist", *argv]
+                                     + (["--config", str(config)] if config else []))
+    schedule = C.load_toml(config).get("eval_schedule") if config else None
+    return C.resolve(args.arch, args.dataset, args.config, sweep._overrides(args, schedule))
+
+
+def test_cli_eval_schedule_flags(tmp_path):
+    cfg = _cli_cfg(["--eval-schedule", "log_steps", "--eval-points", "12"])
+    assert (cfg.eval_schedule, cfg.eval_points) == ("log_steps", 12)
+    assert _cli_cfg(["--eval-schedule", "log_steps"]).eval_points == C.SweepConfig().eval_points
+    assert (_cli_cfg(["--eval-every", "3"]).eval_schedule, _cli_cfg(["--eval-every", "3"]).eval_every) == ("every", 3)
+    # --eval-points keeps the file's log_steps (it used to force "log": log-spaced epochs).
+    text = (SWEEPS / "demo.toml").read_text().replace('eval_schedule = "log"', 'eval_schedule = "log_steps"')
+    (tmp_path / "s.toml").write_text(text)
+    cfg = _cli_cfg(["--eval-points", "40"], tmp_path / "s.toml")
+    assert (cfg.eval_schedule, cfg.eval_points) == ("log_steps", 40)
+    assert _cli_cfg(["--eval-points", "40"], SWEEPS / "cnn_fashion_mnist.toml").eval_schedule == "log"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-schedule", "log_step"], "argument --eval-schedule: invalid choice: 'log_step' (choose from"),
+    (["--eval-schedule", "log_steps", "--eval-points", "1"],
+     "eval_points=1 with eval_schedule='log_steps'; allowed: an integer >= 2"),
+    (["--eval-schedule", "log_steps", "--eval-every", "2"], "--eval-every 2 goes with --eval-schedule every, not "
+                                                            "log_steps"),
+    (["--eval-schedule", "every", "--eval-points", "50"], "--eval-points 50 goes with --eval-schedule log or log_steps"),
+    (["--eval-every", "2", "--eval-points", "50"], "--eval-every and --eval-points contradict each other"),
+])
+def test_cli_bad_eval_schedule_is_one_error_and_exit_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--arch", "cnn", "--dataset", "fashion_mnist", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_perceptron_arch_routes_to_the_perceptron_report(monkeypatch):

@@ -83,15 +83,16 @@ def _reference_fns(cfg, ds):
     return _REF[key]
 
 
-def reference_run(cfg, ds, P, seed):
-    """One replica trained by a plain loop: optax.adam(lr), one jitted step per batch, no vmap."""
+def reference_run(cfg, ds, P, seed, steps=None):
+    """One replica trained by a plain loop: optax.adam(lr), one jitted step per batch, no vmap
+    (``steps`` optimizer steps; default: all of them, epochs * ceil(P / batch_size))."""
     model, tx, step, predict = _reference_fns(cfg, ds)
     key_data = replica.replica_key_data(cfg.sweep_seed, P, seed)
     k_init, _ = jax.random.split(jax.random.wrap_key_data(jnp.asarray(key_data), impl="threefry2x32"))
     params = model.init(k_init)["params"]
     opt = tx.init(params)
     subset = data_lib.subset_indices(cfg.sweep_seed, seed, P, ds.n_train)
-    for s in range(cfg.epochs * -(-P // cfg.batch_size)):
+    for s in range(cfg.epochs * -(-P // cfg.batch_size) if steps is None else steps):
         idx, w = replica.batch_indices(subset, key_data, s, cfg.batch_size)
         params, opt = step(params, opt, ds.x_train[idx], ds.y_train[idx], w)
     logits = np.asarray(predict(params, ds.x_test), np.float64)
@@ -301,6 +302,83 @@ def test_results_round_trip_and_torn_line(tmp_path):
     assert ok["norm/conv1/l21"].iloc[0] == 7e-12 and ok.train_loss.iloc[0] == 2 ** -20
     assert df.diverged.sum() == 1 and np.isnan(df[df.diverged].test_error).all()
     assert df.P.dtype == np.int64 and df.epoch.dtype == np.int64
+
+
+# ------------------------------------------------------------------------------------------------
+# eval_schedule = "log_steps": evaluations at log-spaced optimizer steps per P (issue 15)
+# ------------------------------------------------------------------------------------------------
+
+# P = 40 and 200 at batch 16: 3 and 13 steps per epoch, 9 and 39 steps; 12 log-spaced points dedup
+# to 8 and 11 distinct steps (+ step 0), most of them off epoch boundaries; margins at epoch 3 (the last step).
+LOG_STEPS = dict(P=[40, 200], epochs=3, eval_schedule="log_steps", eval_points=12)
+
+
+def _geomspace_grid(total: int, points: int) -> list[int]:
+    return [int(x) for x in np.unique(np.round(np.geomspace(1, total, points)))]
+
+
+@pytest.fixture(scope="module")
+def log_steps_run(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("log_steps")
+    summary = engine.run(cfg_of(**LOG_STEPS), out, quiet=True, dataset=ds)
+    assert summary["finished"] == 4 and summary["diverged"] == 0
+    return out
+
+
+def test_log_steps_rows_are_at_the_step_grid_with_exact_epochs(log_steps_run):
+    df = results.load(log_steps_run)
+    assert df.epoch.dtype == np.float64 and df.step.dtype == np.int64
+    for (P, seed), g in df.groupby(["P", "seed"]):
+        spe = -(-P // 16)
+        grid = [0] + _geomspace_grid(3 * spe, 12)  # margin epoch 3 is the last step, already there
+        assert list(g.step) == grid, (P, seed)
+        np.testing.assert_array_equal(g.epoch.to_numpy(), np.asarray(grid) / spe)  # step / steps per epoch
+    assert [len(g) for _, g in df.groupby("P")] == [2 * 9, 2 * 12]  # P = 40, 200
+    # P = 200 is evaluated 7 times inside its first epoch (13 steps), an epoch schedule once.
+    assert sorted(df[(df.P == 200) & (df.seed == 0) & (df.step > 0) & (df.step <= 13)].step) == \
+        [1, 2, 3, 4, 5, 7, 10]
+    # Margins only at epoch boundaries listed in margin_epochs (epoch 3), under the integer epoch.
+    assert sorted(p.name for p in (log_steps_run / "margins").iterdir()) == \
+        [f"P{P}_s{s}_e3.npy" for P in (200, 40) for s in (0, 1)]
+
+
+def test_log_steps_evaluates_the_network_of_that_step(log_steps_run, ds):
+    # Off an epoch boundary the row is the network after exactly `step` steps: a plain loop trained
+    # for that many steps gives the same test loss (tolerance: see RTOL above).
+    df = results.load(log_steps_run)
+    cfg = cfg_of(**LOG_STEPS)
+    for P, seed, step in ((200, 1, 7), (40, 0, 4)):
+        row = df[(df.P == P) & (df.seed == seed) & (df.step == step)].iloc[0]
+        assert row.epoch == step / -(-P // 16) and not float(row.epoch).is_integer()
+        _, ref = reference_run(cfg, ds, P, seed, steps=step)
+        np.testing.assert_allclose(row.test_loss, ref["test_loss"], rtol=1e-4)
+
+
+def test_log_steps_results_go_through_the_analysis(log_steps_run):
+    from jaxnorm import analysis
+
+    df = analysis.clean(results.load(log_steps_run))
+    curves = analysis.mean_curves(df)
+    # Seeds of one P share the step grid: the seed mean has one point per step, in step order.
+    assert [len(c) for c in curves.values()] == [9, 12]
+    assert all(np.all(np.diff(c["epoch"].to_numpy()) > 0) for c in curves.values())
+    opt = analysis.optima(df)
+    assert set(opt.epoch_end) == {3} and all(isinstance(v, (int, float)) for v in opt.epoch_opt)
+    assert {(r.P, r.seed): r.epoch_opt for r in opt.itertuples()} == {
+        (P, s): analysis._epoch_value(g.sort_values("spectral_complexity", kind="stable").epoch.iloc[
+            analysis.curve_optimum(g.sort_values("spectral_complexity", kind="stable").spectral_complexity.to_numpy(),
+                                   g.sort_values("spectral_complexity", kind="stable").test_error.to_numpy(),
+                                   "vertex")["index"]]) for (P, s), g in df.groupby(["P", "seed"])}
+
+
+def test_log_steps_checkpoint_resume_equals_uninterrupted(log_steps_run, ds, tmp_path):
+    # One step per dispatch, a checkpoint every epoch; stopped after 20 of 39 dispatches without a final
+    # checkpoint (rows past the last one are trimmed and redone by the resume).
+    cfg = cfg_of(**LOG_STEPS, checkpoint_epochs=1, steps_per_dispatch=1)
+    assert engine.run(cfg, tmp_path, quiet=True, dataset=ds, stop_after_dispatches=20) == {"stopped": True}
+    assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    engine.run(cfg, tmp_path, quiet=True, dataset=ds)
+    _assert_same_run(tmp_path, log_steps_run)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,6 +614,30 @@ def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
     assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
     _summary(_sweep(script, run_dir, kw, timeout=600))
     _assert_same_run(run_dir, out0)
+
+
+@pytest.mark.slow
+def test_log_steps_sigkill_then_rerun_equals_uninterrupted(log_steps_run, tmp_path):
+    script = _script(tmp_path, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    kw = dict(LOG_STEPS, checkpoint_epochs=1, steps_per_dispatch=1)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), json.dumps(kw), "{}"],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, killed = time.time() + 300, False
+    while time.time() < deadline and proc.poll() is None:
+        ck = run_dir / "checkpoints"
+        steps = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
+        rows = (run_dir / "results.csv").read_text().count("\n") if (run_dir / "results.csv").exists() else 0
+        if len(steps) >= 2 and rows > 20:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
+    _summary(_sweep(script, run_dir, kw, timeout=600))
+    _assert_same_run(run_dir, log_steps_run)
 
 
 # A sweep that exercises every multi-device path: 20 jobs in 2 slots per device (refills), with 2

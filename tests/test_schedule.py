@@ -94,3 +94,42 @@ def test_process_shares_partition_the_jobs_and_balance_the_work():
         # Round-robin over the LPT order: shares differ by at most one longest job.
         assert max(work) - min(work) <= max(j.total_steps for j in jobs)
     assert np.all([schedule.process_share(jobs, 1, 3)[k].P == jobs[1 + 3 * k].P for k in range(5)])
+
+
+def test_log_steps_jobs_are_evaluated_at_their_own_step_grid():
+    # "log_steps": each job's evaluation steps depend on P through its steps per epoch; the event loop
+    # stops every job exactly there (off epoch boundaries too), with K > 1 and refills.
+    cfg = config_lib.from_dict({**config_lib.paper_defaults("cnn", "fashion_mnist"), "P": [10, 50, 200, 333],
+                                "seeds": 2, "epochs": 5, "batch_size": 16, "eval_schedule": "log_steps",
+                                "eval_points": 12, "margin_epochs": [2]})
+    jobs = schedule.make_jobs(cfg.P, range(2), cfg.epochs, cfg.batch_size, cfg.eval_steps)
+    for j in jobs:
+        total = 5 * -(-j.P // 16)
+        grid = {0, 2 * j.steps_per_epoch} | {int(x) for x in np.unique(np.round(np.geomspace(1, total, 12)))}
+        assert j.eval_steps == tuple(sorted(grid)) and j.total_steps == total
+    # P = 333, 200, 50, 10: 105, 65, 20, 5 steps; P = 10 is evaluated at every step 0..5 (12 points dedup to 5).
+    assert [len(j.eval_steps) for j in jobs if j.seed == 0] == [13, 13, 12, 6]
+    pool = schedule.SlotPool(jobs, 3, 4, compact_min_steps=0)
+    out = _drain(pool)
+    for j in jobs:
+        assert out["evaluated"][j.index] == list(j.eval_steps)
+    assert pool.busy_steps == sum(j.total_steps for j in jobs)
+    # The simulator takes the same per-job schedule (and its default compact_min_steps).
+    sim = schedule.simulate_idle_fraction(cfg.P, 2, cfg.epochs, cfg.batch_size, cfg.eval_steps, 3, 4)
+    ref = schedule.SlotPool(jobs, 3, 4)
+    _drain(ref)
+    assert (sim["busy_steps"], sim["idle_steps"]) == (ref.busy_steps, ref.idle_steps)
+
+
+def test_job_epoch_is_exact_between_boundaries():
+    job = schedule.make_jobs([100], [0], 3, 16, (0, 3))[0]  # 7 steps per epoch
+    assert job.eval_steps == (0, 21)
+    assert [job.epoch(s) for s in (0, 7, 21)] == [0, 1, 3] and all(type(job.epoch(s)) is int for s in (0, 7, 21))
+    assert job.epoch(3) == 3 / 7 and job.epoch(10) == 10 / 7
+
+
+def test_evaluation_steps_past_the_end_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"evaluation steps 0\.\.22 of P=100 outside 0\.\.21"):
+        schedule.make_jobs([100], [0], 3, 16, lambda spe: (0, 22))
