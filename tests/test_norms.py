@@ -475,7 +475,52 @@ def test_certified_interval_contains_the_true_norm_on_trained_weights(x64, arch)
     got = readings([k for _, k, _ in cases])
     for (name, m, truth), (lo, hi) in zip(truths, got):
         assert float(lo) <= truth * (1 + 1e-9) and truth <= float(hi) * (1 + 1e-9), (name, m, float(lo), truth, float(hi))
+        if m == "svd":  # exact certificate (convs) or exact SVD (dense): the interval is within the sweep's tol
+            assert float(hi) / float(lo) - 1 <= 1e-5 * (1 + 1e-6), (name, float(lo), truth, float(hi))  # hi = (1 + tol) lo
     assert {n for n, _, _ in truths} == set(norms.operator_names(model.layout))  # every operator of R_A
+
+
+CERT_SIZES = [(7, 7), (8, 8), (9, 6)]
+
+
+@pytest.mark.parametrize("k,s,padding,cin,cout", CONV_CASES)
+def test_conv_certificate_decides_the_svd_norm_exactly(x64, k, s, padding, cin, cout):
+    # conv_bound_holds(gamma) is an exact test of ||A|| < gamma: true just above the SVD value, false just below
+    # (1e-9 apart: float64 rounding of the Gram matrix and of its Cholesky factor is ~1e-14 here).
+    rng = np.random.default_rng(100 + k * 10 + s)
+    for hw in CERT_SIZES:
+        kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)))
+        shape = hw + (cin,)
+        truth = sigma_max(unrolled_conv(kernel, shape, s, padding))
+        f = jax.jit(lambda g: norms.conv_bound_holds(kernel, shape, s, padding, g))
+        assert bool(f(truth * (1 + 1e-9))) and not bool(f(truth * (1 - 1e-9))), (hw, truth)
+
+
+@pytest.mark.parametrize("dtype", ["float32"])  # the sweeps' dtype; float64 exactness: the test above
+@pytest.mark.parametrize("k,s,padding,cin,cout", [c for c in CONV_CASES if c[0] > 1])
+def test_conv_interval_contains_the_svd_norm_and_is_within_tol(x64, dtype, k, s, padding, cin, cout):
+    # The default conv bound (exact certificate) closes the interval to tol = 1e-3 on random kernels, for
+    # SAME/VALID, strides 1 and 2, three input sizes. Containment: 1e-9 (float64) or 1e-6 (float32 rounding of
+    # the Rayleigh quotient and of the Cholesky test) relative slack.
+    rng = np.random.default_rng(200 + k * 10 + s)
+    slack = 1e-9 if dtype == "float64" else 1e-6
+    layers, kernels, truths = [], [], []
+    for j, hw in enumerate(CERT_SIZES):
+        kernel = rng.normal(size=(k, k, cin, cout))
+        shape = hw + (cin,)
+        truths.append(sigma_max(unrolled_conv(jnp.asarray(kernel), shape, s, padding)))
+        layers.append(LinearLayer(f"c{j}", "conv", ("params", f"c{j}"), shape, strides=(s, s), padding=padding))
+        kernels.append(jnp.asarray(kernel, dtype))
+    layout = tuple(layers)
+    state = norms.init_norm_state(layout, jax.random.PRNGKey(0), jnp.dtype(dtype))
+    # max_iters 5000: from some start vectors the top singular vector (here 1.2e-3 above the next) emerges slowly.
+    r = jax.jit(lambda v: norms.evaluate(v, layout, state, zoo=False, tol=1e-3, max_iters=5000))(
+        {"params": {f"c{j}": kk for j, kk in enumerate(kernels)}})
+    assert int(r.unconverged) == 0
+    for j, truth in enumerate(truths):
+        lo, hi = float(r.parts[f"c{j}"]["spec"]), float(r.parts[f"c{j}"]["spec_upper"])
+        assert lo <= truth * (1 + slack) and truth <= hi * (1 + slack), (j, lo, truth, hi)
+        assert hi / lo - 1 <= 1e-3 + 1e-6, (j, lo, truth, hi)  # hi = (1 + tol) lo, rounded (float32: ~1e-7)
 
 
 def test_upper_bound_is_exact_for_patch_convs_and_gap_stops_power_iteration(x64):
