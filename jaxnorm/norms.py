@@ -121,9 +121,13 @@ units) of their l2 norms (the authors' ``compute_group_2_1_norm``);
 ``dist_spectral`` = Eq. 2 with ``M_i = A_i(0)`` (the (2,1) norms of ``A_i - A_i(0)`` by ``definition``; "paper" for
 ``deep_norm``);
 ``path_l2`` = sqrt(sum_k f_{w^2}(1)_k): the model's forward pass (``apply_fn``) with every kernel squared, the
-folded BN scales squared, biases and BN means zero, on the all-ones input (max pooling applied as is). It is
-NaN for layouts with LayerNorm (LayerNorm maps the constant input to 0: the l2 path norm is not defined by this
-forward pass for transformers).
+folded BN scales squared, every additive parameter zero (biases, BN means, the ViT's class token and position
+embeddings), on the all-ones input (max pooling, GELU and softmax attention applied as they are). **Normalization
+layers count as their affine part**: eval-mode BatchNorm is its folded scale (above), and each LayerNorm is
+replaced by ``x -> x * scale^2`` -- its per-token normalization is treated as the identity. Why: the literature's
+definition is for networks of linear maps and ReLUs (Jiang et al. 2019 fold BatchNorm and have no LayerNorm); a
+LayerNorm applied as is maps the constant input to 0 (the norm was NaN for the ViT), and its 1/std is not a
+fixed linear map -- the same reason it stays out of R_A (``norm_layers="fold"``).
 ``dist_*`` are NaN without initial variables.
 
 All functions are pure, jit-able and vmappable over a leading replica axis (see :func:`spectral_complexity_fn`).
@@ -139,6 +143,7 @@ import functools
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -1090,7 +1095,8 @@ ZOO = ("frob_prod", "spec_prod", "group21", "dist_frob", "dist_spectral", "path_
 
 
 def _path_norm_variables(variables, layout):
-    """Variables of the l2 path norm's forward pass: kernels squared, biases 0, BN folded then squared."""
+    """Variables of the l2 path norm's forward pass: kernels and normalization scales squared (BN folded first),
+    every additive parameter (biases, BN means, ViT class token and position embeddings) 0, BN variances 1 - eps."""
     bn = {l.path[:-1]: l for l in layout if l.kind == "diag" and l.var_path is not None}
 
     def walk(node, path):
@@ -1113,29 +1119,45 @@ def _path_norm_variables(variables, layout):
                 out[key] = _fold_scale(variables, layer).reshape(jnp.shape(val)) ** 2
             elif key == "scale":
                 out[key] = jnp.asarray(val) ** 2
-            else:
-                out[key] = jnp.asarray(val)
+            else:  # additive: a path starts at an input unit, so constants carry no path weight
+                out[key] = jnp.zeros_like(jnp.asarray(val))
         return out
 
     return walk(variables, ())
 
 
+def _layernorm_as_affine(next_fun, args, kwargs, context):
+    """Flax method interceptor: ``nn.LayerNorm`` applies only its affine part ``x * scale + bias``."""
+    if isinstance(context.module, nn.LayerNorm) and context.method_name == "__call__":
+        params = context.module.variables.get("params", {})
+        y = args[0]
+        if "scale" in params:
+            y = y * params["scale"]
+        if "bias" in params:
+            y = y + params["bias"]
+        return y
+    return next_fun(*args, **kwargs)
+
+
 def path_norm(variables, layout, apply_fn, input_shape) -> jax.Array:
     """l2 path norm sqrt(sum_k f_{w^2}(1)_k) by one forward pass (Jiang et al. 2019; module docstring).
 
+    The forward pass is ``apply_fn`` on the all-ones input [1, H, W, C] with :func:`_path_norm_variables`, and
+    every ``flax.linen.LayerNorm`` replaced by its affine part (``x * scale^2``: the per-token normalization is
+    treated as the identity, as eval-mode BatchNorm is its folded affine map).
+
     Args:
       variables: one replica's variables; layout: the model's layers.
-      apply_fn: ``(variables, x [1, H, W, C]) -> logits [1, K]`` (eval mode).
+      apply_fn: ``(variables, x [1, H, W, C]) -> logits [1, K]`` (eval mode), built from Flax modules.
       input_shape: (H, W, C) of one example.
 
     Returns:
-      Scalar; NaN for layouts with LayerNorm (diag entries without ``var_path``).
+      Scalar.
     """
-    if any(l.kind == "diag" and l.var_path is None for l in layout):
-        return jnp.asarray(jnp.nan, jnp.float32)
     pv = _path_norm_variables(variables, layout)
     dtype = jnp.result_type(*jax.tree.leaves(pv["params"]))
-    out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
+    with nn.intercept_methods(_layernorm_as_affine):
+        out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
     return jnp.sqrt(jnp.sum(out))
 
 

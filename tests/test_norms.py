@@ -760,3 +760,44 @@ def test_deep_norm_with_zoo_reads_the_operators_warm():
     assert int(dn.state["iters"][0]) > 0 and set(dn.parts) == {"conv1", "conv2", "fc"}
     for k in ("spec_prod", "frob_prod", "group21"):
         assert rel(float(dn.zoo[k]), float(paper.zoo[k])) < 1e-6, k
+
+
+def _vit_path_forward_numpy(params, x):
+    """The ViT of jaxnorm.models written out in numpy, with the path-norm conventions applied by hand: every
+    LayerNorm is x * scale (normalization = identity), all weights as given (the caller squares them), no biases,
+    no class token / position embeddings. x: [H, W, C] -> logits [K]."""
+    from math import erf
+
+    gelu = np.vectorize(lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))))
+    k = params["patch_embed"]["kernel"]  # [p, p, C, d]
+    p = k.shape[0]
+    h, w = x.shape[0] // p, x.shape[1] // p
+    patches = x[: h * p, : w * p].reshape(h, p, w, p, -1).transpose(0, 2, 1, 3, 4).reshape(h * w, -1)
+    t = np.concatenate([np.zeros((1, k.shape[3])), patches @ k.reshape(-1, k.shape[3])])  # class token = 0
+    i = 0
+    while f"encoder{i}" in params:
+        e = params[f"encoder{i}"]
+        y = t * e["ln1"]["scale"]
+        a = e["attn"]
+        q, kk, v = (np.einsum("td,dhe->the", y, a[n]["kernel"]) for n in ("query", "key", "value"))
+        logits = np.einsum("qhe,khe->hqk", q, kk) / np.sqrt(q.shape[-1])
+        att = np.exp(logits - logits.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        t = t + np.einsum("qhe,hed->qd", np.einsum("hqk,khe->qhe", att, v), a["out"]["kernel"])
+        y = gelu((t * e["ln2"]["scale"]) @ e["mlp1"]["kernel"])
+        t = t + y @ e["mlp2"]["kernel"]
+        i += 1
+    return (t[0] * params["norm"]["scale"]) @ params["head"]["kernel"]
+
+
+def test_path_norm_of_vit_is_finite_and_matches_a_numpy_forward_pass(x64):
+    # LayerNorm counts as its affine part (module docstring): the ViT's l2 path norm used to be NaN (LayerNorm
+    # maps the all-ones input to 0). Reference: the same network written out in numpy, weights squared by hand;
+    # trained weights (so that LayerNorm scales are not all 1). 1e-10: float64 rounding of two forward passes.
+    model, variables = _small_model_variables("vit", steps=5)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    apply_fn = lambda v, x: model.apply(v, x, False)[0]  # noqa: E731
+    got = float(jax.jit(lambda v: norms.path_norm(v, model.layout, apply_fn, model.input_shape))(variables))
+    squared = jax.tree.map(lambda a: np.asarray(a) ** 2, variables["params"])
+    want = np.sqrt(_vit_path_forward_numpy(squared, np.ones(model.input_shape)).sum())
+    assert np.isfinite(got) and rel(got, want) < 1e-10, (got, want)
