@@ -88,27 +88,47 @@ endpoints are R_A at the lower and at the upper norms).
   its exact transpose (``jax.linear_transpose``), warm-started from the previous evaluation's vector kept in
   a state pytree (:func:`init_norm_state`). For any vector, ``||A^T A v|| / ||A v|| <= ||A||_sigma``: every
   reading is a certified lower bound, whatever the number of iterations.
-* Upper bound ``spec_upper`` of a conv: the zero-padded, strided conv on an ``H x W`` input is (after a
-  permutation) a sub-matrix of a stride-1 *circular* conv: pad explicitly, rewrite the stride-s conv as a
-  stride-1 conv on the s x s polyphase components (``C_in s^2`` channels, kernel ``ceil(k/s)``), and embed
-  that valid conv in the circular conv on the ``ceil(H_pad/s) x ceil(W_pad/s)`` torus, whose norm is the
-  largest singular value of the kernel's DFT over frequencies (Sedghi et al. 2019). Each frequency's
-  ``C x C_out`` matrix is bounded from above by Gram iteration (Delattre et al. 2023:
-  ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at every t). The bound is exact
-  for non-overlapping patch convs (ViT's patch embedding) and loose by the circulant-vs-Toeplitz gap
-  otherwise. Measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
-  LeNet conv1 1.9%, conv2 7-8% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in
-  stage 2, 0.9-9.5% in stage 3 (8 px); with 19 such factors R_A's interval is [R, 1.33 R] for ResNet-20.
-  A tighter zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
+* Upper bound ``spec_upper`` of a conv, ``conv_bound="exact"`` (default): an exact test of ``||A||_sigma < gamma``
+  on the zero-padded, strided operator itself (:func:`conv_bound_holds`). The Gram matrix ``G = A^T A`` (input
+  side) or ``A A^T`` (output side, whichever is cheaper) is assembled exactly from the kernel, boundaries
+  included: ``G[p, p + d] = sum_t m[p, t] K[t] K[t + d]^T`` (``C x C`` blocks; ``m[p, t] = 1`` where tap t of
+  position p is read by an output that exists, i.e. zero padding and stride are exact), a block-tridiagonal
+  matrix in blocks of ``k - 1`` position rows. ``gamma^2 I - G`` is factorized by a block Cholesky; it succeeds
+  iff the matrix is positive definite, i.e. iff ``||A||_sigma < gamma`` (certified up to float rounding of G and
+  of the factorization: ~1e-6 relative in float32). Cost: ``ceil(H / (k - 1))`` Cholesky steps on blocks of
+  ``(k - 1) W C`` rows (paper-size ResNet-20: 1024 rows in every stage), far more than one power iteration, so it
+  is run only as a stopping test (below). Why not Gram iteration on the kernel (Delattre, Barthelemy & Allauzen
+  2024, "Spectral norm of convolutional layers with circular and zero paddings", lip4conv's
+  ``compute_delattre2024``: repeated self-convolutions of the kernel, then the largest absolute row sum): it
+  bounds the convolution on the infinite plane, i.e. ``sup_omega ||K_hat(omega)||``, which is at least the
+  circular bound below, while the zero-padded operator on a small feature map is several % *below* that
+  supremum (an 8 x 8 map loses a finite-size term of order (pi / 8)^2 of the symbol's curvature); no bound on
+  the kernel alone can close that gap, the test above does.
+* ``conv_bound="circulant"`` (the previous bound, kept for comparison and as a cheap, loose alternative): the
+  zero-padded, strided conv on an ``H x W`` input is (after a permutation) a sub-matrix of a stride-1 *circular*
+  conv: pad explicitly, rewrite the stride-s conv as a stride-1 conv on the s x s polyphase components
+  (``C_in s^2`` channels, kernel ``ceil(k/s)``), and embed that valid conv in the circular conv on the
+  ``ceil(H_pad/s) x ceil(W_pad/s)`` torus, whose norm is the largest singular value of the kernel's DFT over
+  frequencies (Sedghi et al. 2019). Each frequency's ``C x C_out`` matrix is bounded from above by Gram
+  iteration (Delattre et al. 2023: ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at
+  every t). Exact for non-overlapping patch convs (ViT's patch embedding), loose by the circulant-vs-Toeplitz
+  gap otherwise: measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
+  LeNet conv1 1.9%, conv2 8.2% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in stage 2,
+  0.9-9.5% in stage 3 (8 px); R_A's interval [R, 1.33 R] for ResNet-20. The exact bound starts from it (the
+  ViT's patch conv needs no test).
 * Dense layers: ``dense_method="svd"`` (default) -- exact up to float rounding (the top eigenvalue of the
   smaller Gram matrix ``K^T K`` or ``K K^T``, 15x faster than a batched SVD on XLA:CPU), ``spec_upper = spec``;
   ``"power"`` -- power iteration
   with a Gram-iteration upper bound of the kernel matrix.
-* Stopping rule: at least ``min_iters`` iterations; then stop when the certified relative gap
-  ``spec_upper / spec - 1 <= tol``, or when the estimate's relative change is ``<= tol``, or at ``max_iters``.
-  A layer that stops at ``max_iters`` with both above ``tol`` is *unconverged*; :func:`evaluate` counts them
-  (``unconverged``), so no reading is silent. The reported gap is certified either way; the relative change
-  is not an error bound (a slowly converging power iteration changes little per step).
+* Stopping rule: at least ``min_iters`` iterations, at most ``max_iters``. Convs with ``conv_bound="exact"``:
+  iterate until the relative change is ``<= tol / 4``, then test ``gamma = (1 + tol) spec``; if the test fails
+  (spec is then more than tol below the norm, however little it changes per step), double the iterations and
+  test again; stop at the first success (``spec_upper = (1 + tol) spec``: certified relative gap tol). Other
+  power iterations (``"circulant"``, dense ``"power"``): stop when the certified gap ``spec_upper / spec - 1 <=
+  tol`` or when the relative change is ``<= tol`` (not an error bound). A reading that stops with its certified
+  gap above ``tol`` (exact convs: ``max_iters`` reached or 16 failed tests; others: ``max_iters`` reached with
+  change and gap above tol) is *unconverged*; :func:`evaluate` counts them (``unconverged``), so no reading is
+  silent. The reported interval is certified either way.
 
 Norm zoo (:func:`norm_zoo`; Jiang et al. 2019, "Fantastic generalization measures and where to find them")
 --------------------------------------------------------------------------------------------------------
