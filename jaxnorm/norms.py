@@ -478,7 +478,8 @@ def gram_upper_bound(mats: jax.Array, iters: int = 6) -> jax.Array:
 
 
 def conv_upper_bound(kernel, input_shape, strides=1, padding="SAME", *, gram_iters: int = 6) -> jax.Array:
-    """Certified upper bound of ``||A||_sigma`` for the zero-padded, strided conv (module docstring).
+    """Certified upper bound of ``||A||_sigma`` for the zero-padded, strided conv: the circular embedding
+    (``conv_bound="circulant"``, module docstring; :func:`conv_bound_holds` is the exact test).
 
     Args:
       kernel: [kh, kw, C_in, C_out]; input_shape: (H, W, C_in); strides, padding: as :func:`conv_operator_norm`.
@@ -1277,7 +1278,8 @@ class NormResult(NamedTuple):
     Fields:
       total: R_A from the lower bounds ``spec`` (the reading); total_upper: R_A from ``spec_upper``
         (``total <= R_A <= total_upper``); max_gap: max over operators of ``spec_upper / spec - 1``;
-      unconverged: int32, operators whose power iteration stopped at ``max_iters`` with gap and change > tol;
+      unconverged: int32, operators whose reading stopped with a certified gap above tol (module docstring,
+        "Stopping rule");
       parts: {operator name: {"spec", "spec_upper", "l21"}}; zoo: {name: scalar} (:func:`norm_zoo`; empty when
         not requested); state: the new power-iteration state.
     """
