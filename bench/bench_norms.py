@@ -99,7 +99,7 @@ def bench_arch(arch, args):
 
     # --- norms, cold start (before training) ---
     opts = dict(definition=args.definition, norm_layers=args.norm_layers, attention=args.attention, tol=args.tol,
-                max_iters=args.max_iters, dense_method=args.dense_method)
+                max_iters=args.max_iters, dense_method=args.dense_method, conv_bound=args.conv_bound)
     apply_fn = lambda v, x: model.apply(v, x, False)[0]  # noqa: E731
 
     def one(v, s):
@@ -145,7 +145,7 @@ def bench_arch(arch, args):
     conv_idx = [i for i, l in enumerate(l for l in model.layout if l.kind in ("conv", "dense")) if l.kind == "conv"]
     print(f"\n== {arch} (size={args.size}, input {tuple(args.input_shape)}, R={r}, P={args.P}, batch {args.batch}, "
           f"{len(model.layout)} layout entries, norm_layers={args.norm_layers}, attention={args.attention}, "
-          f"tol={args.tol})")
+          f"tol={args.tol}, conv_bound={args.conv_bound})")
     print(f"compile: norm {t_compile_norm:.1f} s, train step {t_compile_step:.1f} s")
     print(f"train: {n_chunks} dispatches of {args.K} steps in {t_steps:.2f} s (fastest {min(chunk_times):.3f} s) -> "
           f"epoch ({steps_per_epoch} steps) {t_epoch:.2f} s")
@@ -183,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--attention", default="stacked", choices=list(norms.ATTENTIONS))
     ap.add_argument("--dense-method", default=SweepConfig.dense_method, choices=list(norms.DENSE_METHODS),
                     help="dense spectral norms; default: the sweep's (jaxnorm.config)")
+    ap.add_argument("--conv-bound", default="exact", choices=list(norms.CONV_BOUNDS),
+                    help="certified upper bound of conv norms (jaxnorm.norms module docstring)")
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--max-iters", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)

@@ -37,6 +37,7 @@ REPLICA_AXES = ("auto", "vmap", "map")
 NORM_DEFINITIONS = ("paper", "bartlett", "paper_input", "deep_norm")  # = jaxnorm.norms.DEFINITIONS
 NORM_LAYERS = ("fold", "exclude", "include")  # = jaxnorm.norms.NORM_LAYERS
 NORM_ATTENTIONS = ("stacked", "separate")  # = jaxnorm.norms.ATTENTIONS
+NORM_CONV_BOUNDS = ("exact", "circulant")  # = jaxnorm.norms.CONV_BOUNDS
 
 # Appendix E, "Trainings and values of P".
 MNIST_P = (89, 188, 375, 750, 1500, 3000, 6000, 12000, 24000, 30000, 36000, 42000, 48000)
@@ -68,8 +69,9 @@ class SweepConfig:
       train_eval_max: 0 = train error/loss on the replica's whole subset; n > 0 = on its first
         n examples (cheaper for large P).
       margin_epochs: epochs at which the raw test margins are saved (margins/P{P}_s{s}_e{e}.npy).
-      norm_definition, norm_layers, norm_attention, dense_method, norm_max_iters, norm_tol: passed to
-        ``jaxnorm.norms.evaluate`` (definition, norm_layers, attention, dense_method, max_iters, tol);
+      norm_definition, norm_layers, norm_attention, dense_method, norm_conv_bound, norm_max_iters, norm_tol:
+        passed to ``jaxnorm.norms.evaluate`` (definition, norm_layers, attention, dense_method, conv_bound,
+        max_iters, tol);
         ``norm_definition="deep_norm"`` is the paper authors' reference formula; ``norm_layers="fold"`` folds
         BatchNorm/LayerNorm scales into their convs/dense layers (see jaxnorm.norms).
       norm_zoo: also log the cheap norms of ``jaxnorm.norms.norm_zoo`` (``zoo/<name>`` columns).
@@ -123,6 +125,10 @@ class SweepConfig:
     dense_method: str = "power"
     norm_max_iters: int = 500
     norm_tol: float = 1e-5
+    # "circulant": cheap and loose for convs (gaps up to 8% LeNet, 9.5% ResNet-20 stage 3; power iteration stops on
+    # relative change); "exact": certified to norm_tol by a block-Cholesky test, but one test of the paper-size
+    # ResNet-20 costs ~30% of an epoch at P = 4096 on the 2-core CPU (BUILD.md, "Norm logging cost").
+    norm_conv_bound: str = "circulant"
     seed_start: int = 0
     lr_overrides: tuple[tuple[int, int, float], ...] = ()
     conv_impl: str = "auto"
@@ -344,6 +350,7 @@ def validate(cfg: SweepConfig) -> None:
     _check_choice("norm_definition", cfg.norm_definition, NORM_DEFINITIONS)
     _check_choice("norm_layers", cfg.norm_layers, NORM_LAYERS)
     _check_choice("norm_attention", cfg.norm_attention, NORM_ATTENTIONS)
+    _check_choice("norm_conv_bound", cfg.norm_conv_bound, NORM_CONV_BOUNDS)
     _check_choice("dense_method", cfg.dense_method, ("svd", "power"))
     if not cfg.norm_tol > 0:
         raise ValueError(f"norm_tol={cfg.norm_tol!r}; allowed: > 0")

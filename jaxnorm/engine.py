@@ -236,8 +236,8 @@ class Engine:
         self.x_train = jax.device_put(np.asarray(ds.x_train, np.float32), repl)
         self.y_train = jax.device_put(np.asarray(ds.y_train, np.int32), repl)
         norm_kw = dict(definition=cfg.norm_definition, norm_layers=cfg.norm_layers, attention=cfg.norm_attention,
-                       zoo=cfg.norm_zoo, dense_method=cfg.dense_method, max_iters=cfg.norm_max_iters,
-                       tol=cfg.norm_tol)
+                       zoo=cfg.norm_zoo, dense_method=cfg.dense_method, conv_bound=cfg.norm_conv_bound,
+                       max_iters=cfg.norm_max_iters, tol=cfg.norm_tol)
         self.evaluator = evaluate_lib.Evaluator(self.model_spec, self.mesh, ds.x_test, ds.y_test, self.x_train,
                                                 self.y_train, eval_batch=cfg.eval_batch, test_subset=cfg.test_subset,
                                                 train_eval_max=cfg.train_eval_max, norm_kw=norm_kw)

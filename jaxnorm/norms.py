@@ -88,27 +88,49 @@ endpoints are R_A at the lower and at the upper norms).
   its exact transpose (``jax.linear_transpose``), warm-started from the previous evaluation's vector kept in
   a state pytree (:func:`init_norm_state`). For any vector, ``||A^T A v|| / ||A v|| <= ||A||_sigma``: every
   reading is a certified lower bound, whatever the number of iterations.
-* Upper bound ``spec_upper`` of a conv: the zero-padded, strided conv on an ``H x W`` input is (after a
-  permutation) a sub-matrix of a stride-1 *circular* conv: pad explicitly, rewrite the stride-s conv as a
-  stride-1 conv on the s x s polyphase components (``C_in s^2`` channels, kernel ``ceil(k/s)``), and embed
-  that valid conv in the circular conv on the ``ceil(H_pad/s) x ceil(W_pad/s)`` torus, whose norm is the
-  largest singular value of the kernel's DFT over frequencies (Sedghi et al. 2019). Each frequency's
-  ``C x C_out`` matrix is bounded from above by Gram iteration (Delattre et al. 2023:
-  ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at every t). The bound is exact
-  for non-overlapping patch convs (ViT's patch embedding) and loose by the circulant-vs-Toeplitz gap
-  otherwise. Measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
-  LeNet conv1 1.9%, conv2 7-8% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in
-  stage 2, 0.9-9.5% in stage 3 (8 px); with 19 such factors R_A's interval is [R, 1.33 R] for ResNet-20.
-  A tighter zero-padding bound (Delattre et al. 2024, Toeplitz Gram iteration) is not implemented.
+* Upper bound ``spec_upper`` of a conv, ``conv_bound="exact"`` (default): an exact test of ``||A||_sigma < gamma``
+  on the zero-padded, strided operator itself (:func:`conv_bound_holds`). The Gram matrix ``G = A^T A`` (input
+  side) or ``A A^T`` (output side, whichever is cheaper) is assembled exactly from the kernel, boundaries
+  included: ``G[p, p + d] = sum_t m[p, t] K[t] K[t + d]^T`` (``C x C`` blocks; ``m[p, t] = 1`` where tap t of
+  position p is read by an output that exists, i.e. zero padding and stride are exact), a block-tridiagonal
+  matrix in blocks of ``k - 1`` position rows. ``gamma^2 I - G`` is factorized by a block Cholesky; it succeeds
+  iff the matrix is positive definite, i.e. iff ``||A||_sigma < gamma`` (certified up to float rounding of G and
+  of the factorization: ~1e-6 relative in float32). Cost: ``ceil(H / (k - 1))`` Cholesky steps on blocks of
+  ``(k - 1) W C`` rows (paper-size ResNet-20: 1024 rows in every stage), far more than one power iteration, so it
+  is run only as a stopping test (below). Why not Gram iteration on the kernel (Delattre, Barthelemy & Allauzen
+  2024, "Spectral norm of convolutional layers with circular and zero paddings", lip4conv's
+  ``compute_delattre2024``: repeated self-convolutions of the kernel, then the largest absolute row sum): it
+  bounds the convolution on the infinite plane, i.e. ``sup_omega ||K_hat(omega)||``, which is at least the
+  circular bound below, while the zero-padded operator on a small feature map is several % *below* that
+  supremum (an 8 x 8 map loses a finite-size term of order (pi / 8)^2 of the symbol's curvature); no bound on
+  the kernel alone can close that gap, the test above does.
+* ``conv_bound="circulant"`` (the previous bound, kept for comparison and as a cheap, loose alternative): the
+  zero-padded, strided conv on an ``H x W`` input is (after a permutation) a sub-matrix of a stride-1 *circular*
+  conv: pad explicitly, rewrite the stride-s conv as a stride-1 conv on the s x s polyphase components
+  (``C_in s^2`` channels, kernel ``ceil(k/s)``), and embed that valid conv in the circular conv on the
+  ``ceil(H_pad/s) x ceil(W_pad/s)`` torus, whose norm is the largest singular value of the kernel's DFT over
+  frequencies (Sedghi et al. 2019). Each frequency's ``C x C_out`` matrix is bounded from above by Gram
+  iteration (Delattre et al. 2023: ``sigma_1(W) <= ||G_t||_F^{1/2^t}``, ``G_{t+1} = G_t^H G_t``, certified at
+  every t). Exact for non-overlapping patch convs (ViT's patch embedding), loose by the circulant-vs-Toeplitz
+  gap otherwise: measured by bench/bench_norms.py on paper-size models after 16 Adam steps (32x32x3 inputs):
+  LeNet conv1 1.9%, conv2 8.2% (5x5 VALID on 14 px); ResNet-20 0.3-1% in stage 1 (32 px), 0.7-2.9% in stage 2,
+  0.9-9.5% in stage 3 (8 px); R_A's interval [R, 1.33 R] for ResNet-20. The exact bound starts from it (the
+  ViT's patch conv needs no test).
 * Dense layers: ``dense_method="svd"`` (default) -- exact up to float rounding (the top eigenvalue of the
   smaller Gram matrix ``K^T K`` or ``K K^T``, 15x faster than a batched SVD on XLA:CPU), ``spec_upper = spec``;
-  ``"power"`` -- power iteration
-  with a Gram-iteration upper bound of the kernel matrix.
-* Stopping rule: at least ``min_iters`` iterations; then stop when the certified relative gap
-  ``spec_upper / spec - 1 <= tol``, or when the estimate's relative change is ``<= tol``, or at ``max_iters``.
-  A layer that stops at ``max_iters`` with both above ``tol`` is *unconverged*; :func:`evaluate` counts them
-  (``unconverged``), so no reading is silent. The reported gap is certified either way; the relative change
-  is not an error bound (a slowly converging power iteration changes little per step).
+  ``"power"`` -- power iteration with a Gram-iteration upper bound of the kernel matrix itself, run for enough
+  iterations to be within tol / 4 of sigma_1 in the worst case (:func:`_dense_gram_iters`; e.g. 20 for d = 64,
+  tol = 1e-5), so the power iteration stops on a certified gap <= tol (with 6 iterations the ViT's dense gaps
+  were up to 1.4%: R_A's interval [R, 1.14 R]).
+* Stopping rule: at least ``min_iters`` iterations, at most ``max_iters``. Convs with ``conv_bound="exact"``:
+  iterate until the relative change is ``<= tol / 4``, then test ``gamma = (1 + tol) spec``; if the test fails
+  (spec is then more than tol below the norm, however little it changes per step), double the iterations and
+  test again; stop at the first success (``spec_upper = (1 + tol) spec``: certified relative gap tol). Other
+  power iterations (``"circulant"``, dense ``"power"``): stop when the certified gap ``spec_upper / spec - 1 <=
+  tol`` or when the relative change is ``<= tol`` (not an error bound). A reading that stops with its certified
+  gap above ``tol`` (exact convs: ``max_iters`` reached or 16 failed tests; others: ``max_iters`` reached with
+  change and gap above tol) is *unconverged*; :func:`evaluate` counts them (``unconverged``), so no reading is
+  silent. The reported interval is certified either way.
 
 Norm zoo (:func:`norm_zoo`; Jiang et al. 2019, "Fantastic generalization measures and where to find them")
 --------------------------------------------------------------------------------------------------------
@@ -121,9 +143,13 @@ units) of their l2 norms (the authors' ``compute_group_2_1_norm``);
 ``dist_spectral`` = Eq. 2 with ``M_i = A_i(0)`` (the (2,1) norms of ``A_i - A_i(0)`` by ``definition``; "paper" for
 ``deep_norm``);
 ``path_l2`` = sqrt(sum_k f_{w^2}(1)_k): the model's forward pass (``apply_fn``) with every kernel squared, the
-folded BN scales squared, biases and BN means zero, on the all-ones input (max pooling applied as is). It is
-NaN for layouts with LayerNorm (LayerNorm maps the constant input to 0: the l2 path norm is not defined by this
-forward pass for transformers).
+folded BN scales squared, every additive parameter zero (biases, BN means, the ViT's class token and position
+embeddings), on the all-ones input (max pooling, GELU and softmax attention applied as they are). **Normalization
+layers count as their affine part**: eval-mode BatchNorm is its folded scale (above), and each LayerNorm is
+replaced by ``x -> x * scale^2`` -- its per-token normalization is treated as the identity. Why: the literature's
+definition is for networks of linear maps and ReLUs (Jiang et al. 2019 fold BatchNorm and have no LayerNorm); a
+LayerNorm applied as is maps the constant input to 0 (the norm was NaN for the ViT), and its 1/std is not a
+fixed linear map -- the same reason it stays out of R_A (``norm_layers="fold"``).
 ``dist_*`` are NaN without initial variables.
 
 All functions are pure, jit-able and vmappable over a leading replica axis (see :func:`spectral_complexity_fn`).
@@ -139,6 +165,7 @@ import functools
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -151,6 +178,7 @@ DEFINITIONS = OPERATOR_DEFINITIONS + ("deep_norm",)
 NORM_LAYERS = ("fold", "exclude", "include")
 ATTENTIONS = ("stacked", "separate")
 DENSE_METHODS = ("svd", "power")
+CONV_BOUNDS = ("exact", "circulant")
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _HI = lax.Precision.HIGHEST  # norms are logged quantities: no TF32/bf16 passes on GPUs
@@ -269,24 +297,36 @@ def _safe_div(a, b):
 # ----------------------------------------------------------------------------------------------
 
 
-def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol, upper=None):
-    """Largest singular value of a linear map by power iteration on A^T A.
+def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol, upper=None, certify=None, rounds=16,
+                     change_tol=None):
+    """Largest singular value of a linear map by power iteration on A^T A, with a certified upper bound.
 
     Args:
       matvec: x -> A x, rmatvec: y -> A^T y (exact transpose).
       v0: start vector (any shape matvec accepts), nonzero.
-      min_iters, max_iters: iteration bounds; tol: stop when |sigma_k - sigma_{k-1}| <= tol * sigma_k, or
-        when a certified upper bound ``upper`` (scalar, optional) is within ``(1 + tol) sigma_k``.
+      min_iters, max_iters: iteration bounds.
+      tol: target relative gap. Without ``certify``: stop when |sigma_k - sigma_{k-1}| <= tol * sigma_k, or when
+        the certified upper bound ``upper`` (scalar, optional) is within ``(1 + tol) sigma_k``.
+      change_tol: the relative-change threshold without ``certify`` (default tol; 0: stop on the gap only).
+      certify: optional ``gamma -> bool``, an exact test of ``||A||_sigma < gamma``. Then the iteration runs in
+        rounds: iterate until the relative change is <= tol / 4 (first round) or to twice the iterations done
+        so far (at least 8 more; later rounds), then test ``gamma = (1 + tol) sigma``; stop as soon as a test
+        passes (``upper = gamma``) or ``upper`` is within ``(1 + tol) sigma``, or at ``max_iters`` (after one
+        last test), or after ``rounds`` tests. Why doubling: a failed test means sigma is more than tol low
+        although it may change little per step (the start vector nearly orthogonal to the top singular
+        vector, or a cluster of singular values near the top); the doubling keeps the number of tests
+        logarithmic in the iterations.
 
     Returns:
-      (sigma, v, iters, delta): estimate, unit right singular vector estimate (shape of v0), iterations run,
-      last relative change.
+      (sigma, v, iters, delta, upper): estimate, unit right singular vector estimate (shape of v0), iterations
+      run, last relative change, certified upper bound (``upper``, or inf, improved by the tests).
     """
     v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(v0.dtype).tiny)
     dtype = v0.dtype
+    upper = jnp.asarray(jnp.inf if upper is None else upper, dtype)
 
     def body(carry):
-        i, v, sigma, _ = carry
+        i, v, sigma, _, stop, change_tol, up = carry
         u = matvec(v)
         w = rmatvec(u)
         nu, nw = jnp.linalg.norm(u), jnp.linalg.norm(w)
@@ -298,16 +338,37 @@ def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol, upper=No
         # below 1e-30 are set to 0; any vector gives a certified lower bound, so nothing is lost.
         new_v = jnp.where(jnp.abs(new_v) < 1e-30, jnp.zeros((), dtype), new_v)
         delta = _safe_div(jnp.abs(new_sigma - sigma), new_sigma).astype(dtype)
-        return i + 1, new_v, new_sigma, delta
+        return i + 1, new_v, new_sigma, delta, stop, change_tol, up
 
     def cond(carry):
-        i, _, sigma, delta = carry
-        open_gap = True if upper is None else upper > (1 + tol) * sigma
-        return (i < min_iters) | ((i < max_iters) & (delta > tol) & open_gap)
+        i, _, sigma, delta, stop, change_tol, up = carry
+        return (i < stop) | ((i < max_iters) & (delta > change_tol) & (up > (1 + tol) * sigma))
 
-    init = (jnp.asarray(0, jnp.int32), v0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
-    i, v, sigma, delta = lax.while_loop(cond, body, init)
-    return sigma, v, i, delta
+    init = (jnp.asarray(0, jnp.int32), v0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype),
+            jnp.asarray(min(min_iters, max_iters), jnp.int32),
+            jnp.asarray(tol / 4 if certify is not None else tol if change_tol is None else change_tol, dtype),
+            upper)
+    carry = lax.while_loop(cond, body, init)
+    if certify is not None:
+        def round_cond(st):
+            (i, _, sigma, _, _, _, up), r = st
+            return (up > (1 + tol) * sigma) & (r < rounds) & ((r == 0) | (i < max_iters))
+
+        def round_body(st):
+            (i, v, sigma, delta, _, change_tol, up), r = st
+            # Rounds after the first: double the iterations (at least 8 more) before testing again.
+            later = r > 0
+            carry = lax.while_loop(cond, body, (
+                i, v, sigma, delta, jnp.where(later, jnp.minimum(jnp.maximum(2 * i, i + 8), max_iters), i),
+                jnp.asarray(jnp.inf, dtype), up))
+            i, v, sigma, delta, stop, _, up = carry
+            gamma = ((1 + tol) * sigma).astype(dtype)
+            up = jnp.where(certify(gamma), jnp.minimum(up, gamma), up)
+            return (i, v, sigma, delta, stop, change_tol, up), r + 1
+
+        carry, _ = lax.while_loop(round_cond, round_body, (carry, jnp.asarray(0, jnp.int32)))
+    i, v, sigma, delta, _, _, up = carry
+    return sigma, v, i, delta, up
 
 
 def conv_operator_norm(
@@ -354,7 +415,7 @@ def _conv_operator_norm(kernel, key, input_shape, strides, padding, tol, max_ite
     v0 = jax.random.normal(key, input_shape, kernel.dtype)
     matvec = functools.partial(_conv, kernel=kernel, strides=strides, padding=padding)
     rmatvec = _transpose_of(matvec, v0)
-    sigma, _, _, _ = _power_iteration(matvec, rmatvec, v0, min_iters=2, max_iters=max_iters, tol=tol)
+    sigma, _, _, _, _ = _power_iteration(matvec, rmatvec, v0, min_iters=2, max_iters=max_iters, tol=tol)
     return sigma
 
 
@@ -417,7 +478,8 @@ def gram_upper_bound(mats: jax.Array, iters: int = 6) -> jax.Array:
 
 
 def conv_upper_bound(kernel, input_shape, strides=1, padding="SAME", *, gram_iters: int = 6) -> jax.Array:
-    """Certified upper bound of ``||A||_sigma`` for the zero-padded, strided conv (module docstring).
+    """Certified upper bound of ``||A||_sigma`` for the zero-padded, strided conv: the circular embedding
+    (``conv_bound="circulant"``, module docstring; :func:`conv_bound_holds` is the exact test).
 
     Args:
       kernel: [kh, kw, C_in, C_out]; input_shape: (H, W, C_in); strides, padding: as :func:`conv_operator_norm`.
@@ -441,6 +503,171 @@ def conv_upper_bound(kernel, input_shape, strides=1, padding="SAME", *, gram_ite
     # A real kernel's DFT has K(-f) = conj K(f): half of the frequencies suffice (rfft).
     spec = jnp.fft.rfftn(kp, s=(mh, mw), axes=(0, 1))  # [mh, mw//2+1, C, C_out]
     return jnp.max(gram_upper_bound(spec.reshape(-1, sh * sw * cin, cout), gram_iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact certificate for zero-padded convs: block-tridiagonal Cholesky of gamma^2 I - Gram
+# ----------------------------------------------------------------------------------------------
+
+
+class _GramPlan(NamedTuple):
+    """Static description of one Gram matrix of the unrolled conv (see :func:`_gram_plan`)."""
+
+    side: str  # "in": G = A^T A on the input (H, W, C_in); "out": G = A A^T on the output (H_o, W_o, C_out)
+    shifts: tuple  # ((dh, dw), ...): partner tap of tap t at G[p, p + offset] is t + shift
+    offsets: tuple  # ((oh, ow), ...) the position offsets, same order as shifts
+    mask: Any  # numpy [n_pos, kh * kw]: 1 where tap t of position p is counted
+    rows: int  # position rows of the Gram side (H or H_out)
+    cols: int  # position columns (W or W_out)
+    block_rows: int  # position rows per Cholesky block (>= the largest row offset)
+    blocks: int
+    idx_diag: Any  # numpy [blocks, b, b] into the flattened [n_pos * n_off] kernel table (+1 zero sentinel)
+    idx_sub: Any  # numpy [blocks, b, b]: G[block i + 1, block i]
+
+
+def _axis_tables(n_in, n_out, k, s, lo, side):
+    """Per spatial axis: ({offset: tap shift}, mask [n_pos, k]) of one side's Gram."""
+    if side == "in":  # G[p, p + d] = sum over taps t (read by a common output o) of K[t] K[t + d]^T
+        n_pos = n_in
+        shifts = {d: d for d in range(-(k - 1), k)}
+        mask = [[int((p + lo - t) % s == 0 and 0 <= (p + lo - t) // s < n_out) for t in range(k)]
+                for p in range(n_pos)]
+    else:  # G[o, o + e] = sum over taps t (reading a common input p) of K[t]^T K[t - s e]
+        n_pos = n_out
+        shifts = {e: -s * e for e in range(-((k - 1) // s), (k - 1) // s + 1)}
+        mask = [[int(0 <= o * s + t - lo < n_in) for t in range(k)] for o in range(n_pos)]
+    return n_pos, shifts, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _gram_plan(kernel_shape, input_shape, strides, padding, side) -> _GramPlan:
+    import numpy as np  # static index arithmetic only
+
+    kh, kw, cin, cout = kernel_shape
+    h, w = int(input_shape[0]), int(input_shape[1])
+    (lo_h, hi_h), (lo_w, hi_w) = explicit_pads((h, w), (kh, kw), strides, padding)
+    sh, sw = strides
+    ho, wo = (h + lo_h + hi_h - kh) // sh + 1, (w + lo_w + hi_w - kw) // sw + 1
+    nr, shifts_h, mask_h = _axis_tables(h, ho, kh, sh, lo_h, side)
+    nc, shifts_w, mask_w = _axis_tables(w, wo, kw, sw, lo_w, side)
+    offsets = tuple((a, b) for a in shifts_h for b in shifts_w)
+    shifts = tuple((shifts_h[a], shifts_w[b]) for a, b in offsets)
+    mask = (np.asarray(mask_h, np.float32)[:, None, :, None] * np.asarray(mask_w, np.float32)[None, :, None, :])
+    mask = mask.reshape(nr * nc, kh * kw)
+    max_off = max(abs(a) for a in shifts_h)
+    br = max(1, max_off)
+    blocks = -(-nr // br)
+    off_index = {o: j for j, o in enumerate(offsets)}
+    n_off = len(offsets)
+    sentinel = nr * nc * n_off
+
+    def index(rows_a, rows_b):
+        """[len(rows_a) * nc, len(rows_b) * nc] indices of G[a, b] for position rows a (block i) and b."""
+        out = np.full((len(rows_a) * nc, len(rows_b) * nc), sentinel, np.int64)
+        for ia, ra in enumerate(rows_a):
+            for ib, rb in enumerate(rows_b):
+                if ra >= nr or rb >= nr:
+                    continue
+                for ca in range(nc):
+                    for cb in range(nc):
+                        j = off_index.get((rb - ra, cb - ca))
+                        if j is not None:
+                            out[ia * nc + ca, ib * nc + cb] = (ra * nc + ca) * n_off + j
+        return out
+
+    rows = [list(range(i * br, (i + 1) * br)) for i in range(blocks)]
+    idx_diag = np.stack([index(r, r) for r in rows])
+    idx_sub = np.stack([index(rows[i + 1], rows[i]) if i + 1 < blocks else
+                        np.full((br * nc, br * nc), sentinel, np.int64) for i in range(blocks)])
+    return _GramPlan(side, shifts, offsets, mask, nr, nc, br, blocks, idx_diag.astype(np.int32),
+                     idx_sub.astype(np.int32))
+
+
+def _gram_cost(plan: _GramPlan, channels: int) -> int:
+    return plan.blocks * (plan.block_rows * plan.cols * channels) ** 3
+
+
+def _cheapest_gram_plan(kernel_shape, input_shape, strides, padding) -> _GramPlan:
+    """The side (A^T A or A A^T) whose block Cholesky costs less: blocks * (block size)^3."""
+    plans = [(_gram_cost(p, c), i, p) for i, (p, c) in enumerate((
+        (_gram_plan(kernel_shape, input_shape, strides, padding, "in"), kernel_shape[2]),
+        (_gram_plan(kernel_shape, input_shape, strides, padding, "out"), kernel_shape[3])))]
+    return min(plans)[2]
+
+
+def _gram_kernel_table(kernel, plan: _GramPlan) -> jax.Array:
+    """[n_pos * n_off + 1, C, C]: the Gram block G[p, p + offset] for every position p and offset, then a zero.
+
+    ``G[p, p + d] = sum_t mask[p, t] K[t] K[t + shift(d)]^T`` (input side, ``K[t]`` = [C_in, C_out]) or with
+    ``K[t]^T`` (output side); taps outside the kernel are zero.
+    """
+    kh, kw, cin, cout = kernel.shape
+    k = kernel if plan.side == "in" else jnp.swapaxes(kernel, 2, 3)  # [kh, kw, C, C_other]
+    ph, pw = max(abs(s[0]) for s in plan.shifts), max(abs(s[1]) for s in plan.shifts)
+    kp = jnp.pad(k, ((ph, ph), (pw, pw), (0, 0), (0, 0)))
+    pairs = []
+    for dh, dw in plan.shifts:
+        partner = kp[ph + dh: ph + dh + kh, pw + dw: pw + dw + kw]
+        pairs.append(jnp.einsum("hwco,hwdo->hwcd", k, partner, precision=_HI).reshape(kh * kw, k.shape[2], -1))
+    pair = jnp.stack(pairs, axis=1)  # [taps, n_off, C, C]
+    table = jnp.einsum("pt,tocd->pocd", jnp.asarray(plan.mask, kernel.dtype), pair, precision=_HI)
+    c = k.shape[2]
+    return jnp.concatenate([table.reshape(-1, c, c), jnp.zeros((1, c, c), kernel.dtype)])
+
+
+def _block(table, idx):
+    b = idx.shape[0]
+    c = table.shape[-1]
+    return table[idx].transpose(0, 2, 1, 3).reshape(b * c, b * c)
+
+
+def _gram_bound_holds(kernel, plan: _GramPlan, gamma) -> jax.Array:
+    """True iff ``gamma^2 I - G`` is positive definite (Cholesky succeeds), i.e. ``||A||_sigma < gamma``.
+
+    G is block tridiagonal in blocks of ``block_rows`` position rows; the Cholesky factorization runs over the
+    blocks: ``S_0 = M_00``, ``L_i = chol(S_i)``, ``F_i = M_{i+1,i} L_i^{-T}``, ``S_{i+1} = M_{i+1,i+1} - F_i F_i^T``.
+    It succeeds in exact arithmetic iff ``M = gamma^2 I - G`` is positive definite.
+    """
+    table = _gram_kernel_table(kernel, plan)
+    n = plan.block_rows * plan.cols * table.shape[-1]
+    eye = jnp.eye(n, dtype=kernel.dtype)
+    g2 = (jnp.asarray(gamma, kernel.dtype) ** 2)
+
+    def step(carry, idx):
+        f, ok = carry
+        idx_d, idx_s = idx
+        s = g2 * eye - _block(table, idx_d) - jnp.matmul(f, f.T, precision=_HI)
+        chol = jnp.linalg.cholesky(s)
+        good = jnp.all(jnp.isfinite(chol))
+        chol = jnp.where(good, chol, eye)
+        # F = M_{i+1,i} L^{-T} with M_{i+1,i} = -G_{i+1,i}:  L F^T = -G_{i+1,i}^T.
+        f_new = jax.scipy.linalg.solve_triangular(chol, -_block(table, idx_s).T, lower=True).T
+        return (f_new, ok & good), None
+
+    (_, ok), _ = lax.scan(step, (jnp.zeros((n, n), kernel.dtype), jnp.asarray(True)),
+                          (jnp.asarray(plan.idx_diag), jnp.asarray(plan.idx_sub)))
+    return ok & (gamma > 0)
+
+
+def conv_bound_holds(kernel, input_shape, strides=1, padding="SAME", gamma=1.0) -> jax.Array:
+    """Exact test of ``||A||_sigma < gamma`` for the zero-padded, strided conv (no embedding, no approximation).
+
+    ``gamma^2 I - G`` is factorized by a block-tridiagonal Cholesky, G = A^T A or A A^T (whichever is cheaper)
+    assembled exactly from the kernel, boundaries included (module docstring, "Certified bounds"). Certified up
+    to float rounding (relative ~1e-6 in float32).
+
+    Args:
+      kernel: [kh, kw, C_in, C_out]; input_shape: (H, W, C_in); strides, padding: as :func:`conv_operator_norm`.
+      gamma: scalar > 0.
+
+    Returns:
+      bool scalar.
+    """
+    kernel = jnp.asarray(kernel)
+    strides = _pair(strides, "strides")
+    padding = _padding(padding)
+    plan = _cheapest_gram_plan(tuple(kernel.shape), tuple(int(s) for s in input_shape), strides, padding)
+    return _gram_bound_holds(kernel, plan, gamma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,7 +857,8 @@ def operator_names(layout: Layout, *, definition: str = "paper", norm_layers: st
 
 class Reading(NamedTuple):
     """One operator's numbers: ``spec <= ||A||_sigma <= spec_upper``, ``l21`` its (2,1) term, power-iteration
-    ``v`` (new state vector), ``iters`` and ``delta`` (last relative change)."""
+    ``v`` (new state vector), ``iters``, ``delta`` (last relative change) and ``unconverged`` (bool: stopped
+    with a certified gap above tol; see the module docstring's stopping rule)."""
 
     spec: jax.Array
     spec_upper: jax.Array
@@ -638,6 +866,7 @@ class Reading(NamedTuple):
     v: Any
     iters: jax.Array
     delta: jax.Array
+    unconverged: Any = False
 
 
 def _l21(rows_sq, cols_sq, n_copies, definition):
@@ -689,6 +918,18 @@ def _dense_l21(layer, kernel, definition, reference=None):
     return _l21(jnp.sum(km * km, axis=0), jnp.sum(km * km, axis=1), n_pos, definition)
 
 
+def _dense_gram_iters(d, tol, gram_iters):
+    """Gram iterations t after which the dense bound is within tol / 4 of sigma_1 even in the worst case.
+
+    On the matrix itself (no embedding), ``||G_t||_F^{1/2^t} <= sigma_1 d^{1/2^{t+1}}`` (d = min(m, n); equality
+    when all singular values are equal): ``t = ceil(log2(ln d / ln(1 + tol / 4))) - 1``, at least ``gram_iters``.
+    Each step is one d x d matmul (d <= 512 in the paper's models): negligible next to the power iteration.
+    """
+    if d <= 1:
+        return gram_iters
+    return max(gram_iters, math.ceil(math.log2(math.log(d) / math.log1p(tol / 4))) - 1)
+
+
 def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters, spec=None):
     d_in, n_pos = _dense_dims(layer, kernel)
     k2 = kernel.reshape(d_in, -1)
@@ -696,12 +937,16 @@ def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters
     if dense_method == "svd":  # spec: from _matrix_norms over all dense operators at once
         spec = _matrix_norms([k2])[0] if spec is None else spec
         return Reading(spec, spec, l21, v, jnp.zeros((), jnp.int32), jnp.zeros((), v.dtype))
-    upper = gram_upper_bound(k2, gram_iters)
+    upper = gram_upper_bound(k2, _dense_gram_iters(min(k2.shape), pi_kw["tol"], gram_iters))
     # Power iteration on K (x) I_T acting on the whole input, v of shape input_shape.
     matvec = lambda x: jnp.matmul(x.reshape(n_pos, d_in), k2, precision=_HI)
     rmatvec = lambda y: jnp.matmul(y, k2.T, precision=_HI).reshape(layer.input_shape)
-    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v.astype(k2.dtype), upper=upper, **pi_kw)
-    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype))
+    # The bound is within tol / 4 of sigma_1: stop on the certified gap only (change_tol 0), not on small changes.
+    spec, v_new, it, delta, upper = _power_iteration(matvec, rmatvec, v.astype(k2.dtype), upper=upper,
+                                                     change_tol=0.0, **pi_kw)
+    tol = pi_kw["tol"]
+    stalled = upper > (1 + tol) * spec
+    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype), stalled)
 
 
 def _conv_geometry(layer, kernel):
@@ -728,15 +973,22 @@ def _conv_l21(layer, kernel, definition, reference=None):
     return _l21(rows_sq, cols_sq, 1, definition)
 
 
-def _conv_reading(layer, kernel, v, definition, pi_kw, gram_iters):
+def _conv_reading(layer, kernel, v, definition, pi_kw, gram_iters, conv_bound="exact"):
     strides, padding = _conv_geometry(layer, kernel)
     l21 = _conv_l21(layer, kernel, definition)
     upper = conv_upper_bound(kernel, layer.input_shape, strides, padding, gram_iters=gram_iters)
     matvec = functools.partial(_conv, kernel=kernel, strides=strides, padding=padding)
     v0 = v.astype(kernel.dtype)
     rmatvec = _transpose_of(matvec, v0)
-    spec, v_new, it, delta = _power_iteration(matvec, rmatvec, v0, upper=upper, **pi_kw)
-    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype))
+    certify = None
+    if conv_bound == "exact":
+        plan = _cheapest_gram_plan(tuple(kernel.shape), tuple(layer.input_shape), strides, padding)
+        certify = lambda gamma: _gram_bound_holds(kernel, plan, gamma)  # noqa: E731
+    spec, v_new, it, delta, upper = _power_iteration(matvec, rmatvec, v0, upper=upper, certify=certify, **pi_kw)
+    tol = pi_kw["tol"]
+    gap_open = upper > (1 + tol) * spec
+    stalled = gap_open if certify is not None else (it >= pi_kw["max_iters"]) & (delta > tol) & gap_open
+    return Reading(spec, jnp.maximum(upper, spec), l21, v_new.astype(v.dtype), it, delta.astype(v.dtype), stalled)
 
 
 def _diag_reading(layer, s, definition, v_dtype):
@@ -816,7 +1068,8 @@ def _validate(definition, norm_layers, dense_method, layout, attention="stacked"
         raise ValueError(f"layer names must be unique; got {names}")
 
 
-def _readings(variables, layout, state, definition, norm_layers, attention, dense_method, pi_kw, gram_iters):
+def _readings(variables, layout, state, definition, norm_layers, attention, dense_method, pi_kw, gram_iters,
+              conv_bound="exact"):
     """(readings {name: Reading}, lipschitz {name: rho}, new_state)."""
     if state is None:
         state = init_norm_state(layout, jax.random.PRNGKey(0))
@@ -850,7 +1103,7 @@ def _readings(variables, layout, state, definition, norm_layers, attention, dens
                 r = _dense_reading(op.layer, op.kernel, v, definition, dense_method, pi_kw, gram_iters,
                                    dense_spec.get(op.name))
             else:
-                r = _conv_reading(op.layer, op.kernel, v, definition, pi_kw, gram_iters)
+                r = _conv_reading(op.layer, op.kernel, v, definition, pi_kw, gram_iters, conv_bound)
             new_v[op.state_index] = r.v
             new_it[op.state_index] = r.iters
             new_delta[op.state_index] = r.delta.astype(v_dtype)
@@ -882,7 +1135,8 @@ ZOO = ("frob_prod", "spec_prod", "group21", "dist_frob", "dist_spectral", "path_
 
 
 def _path_norm_variables(variables, layout):
-    """Variables of the l2 path norm's forward pass: kernels squared, biases 0, BN folded then squared."""
+    """Variables of the l2 path norm's forward pass: kernels and normalization scales squared (BN folded first),
+    every additive parameter (biases, BN means, ViT class token and position embeddings) 0, BN variances 1 - eps."""
     bn = {l.path[:-1]: l for l in layout if l.kind == "diag" and l.var_path is not None}
 
     def walk(node, path):
@@ -905,29 +1159,45 @@ def _path_norm_variables(variables, layout):
                 out[key] = _fold_scale(variables, layer).reshape(jnp.shape(val)) ** 2
             elif key == "scale":
                 out[key] = jnp.asarray(val) ** 2
-            else:
-                out[key] = jnp.asarray(val)
+            else:  # additive: a path starts at an input unit, so constants carry no path weight
+                out[key] = jnp.zeros_like(jnp.asarray(val))
         return out
 
     return walk(variables, ())
 
 
+def _layernorm_as_affine(next_fun, args, kwargs, context):
+    """Flax method interceptor: ``nn.LayerNorm`` applies only its affine part ``x * scale + bias``."""
+    if isinstance(context.module, nn.LayerNorm) and context.method_name == "__call__":
+        params = context.module.variables.get("params", {})
+        y = args[0]
+        if "scale" in params:
+            y = y * params["scale"]
+        if "bias" in params:
+            y = y + params["bias"]
+        return y
+    return next_fun(*args, **kwargs)
+
+
 def path_norm(variables, layout, apply_fn, input_shape) -> jax.Array:
     """l2 path norm sqrt(sum_k f_{w^2}(1)_k) by one forward pass (Jiang et al. 2019; module docstring).
 
+    The forward pass is ``apply_fn`` on the all-ones input [1, H, W, C] with :func:`_path_norm_variables`, and
+    every ``flax.linen.LayerNorm`` replaced by its affine part (``x * scale^2``: the per-token normalization is
+    treated as the identity, as eval-mode BatchNorm is its folded affine map).
+
     Args:
       variables: one replica's variables; layout: the model's layers.
-      apply_fn: ``(variables, x [1, H, W, C]) -> logits [1, K]`` (eval mode).
+      apply_fn: ``(variables, x [1, H, W, C]) -> logits [1, K]`` (eval mode), built from Flax modules.
       input_shape: (H, W, C) of one example.
 
     Returns:
-      Scalar; NaN for layouts with LayerNorm (diag entries without ``var_path``).
+      Scalar.
     """
-    if any(l.kind == "diag" and l.var_path is None for l in layout):
-        return jnp.asarray(jnp.nan, jnp.float32)
     pv = _path_norm_variables(variables, layout)
     dtype = jnp.result_type(*jax.tree.leaves(pv["params"]))
-    out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
+    with nn.intercept_methods(_layernorm_as_affine):
+        out = apply_fn(pv, jnp.ones((1,) + tuple(input_shape), dtype))
     return jnp.sqrt(jnp.sum(out))
 
 
@@ -1008,7 +1278,8 @@ class NormResult(NamedTuple):
     Fields:
       total: R_A from the lower bounds ``spec`` (the reading); total_upper: R_A from ``spec_upper``
         (``total <= R_A <= total_upper``); max_gap: max over operators of ``spec_upper / spec - 1``;
-      unconverged: int32, operators whose power iteration stopped at ``max_iters`` with gap and change > tol;
+      unconverged: int32, operators whose reading stopped with a certified gap above tol (module docstring,
+        "Stopping rule");
       parts: {operator name: {"spec", "spec_upper", "l21"}}; zoo: {name: scalar} (:func:`norm_zoo`; empty when
         not requested); state: the new power-iteration state.
     """
@@ -1024,8 +1295,8 @@ class NormResult(NamedTuple):
 
 def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=None, input_shape=None,
              zoo: bool = True, definition: str = "paper", norm_layers: str = "fold", attention: str = "stacked",
-             dense_method: str = "svd", min_iters: int = 2, max_iters: int = 500, tol: float = 1e-5,
-             gram_iters: int = 6, log: bool = False) -> NormResult:
+             dense_method: str = "svd", conv_bound: str = "exact", min_iters: int = 2, max_iters: int = 500,
+             tol: float = 1e-5, gram_iters: int = 6, log: bool = False) -> NormResult:
     """R_A with its certified interval, the zoo, and the new state, for one replica (pure; vmap for R).
 
     Args:
@@ -1038,6 +1309,8 @@ def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=Non
       apply_fn, input_shape: for the zoo's ``path_l2`` (see :func:`norm_zoo`).
       zoo: compute the zoo.
       definition, norm_layers, attention, dense_method: module docstring.
+      conv_bound: ``"exact"`` (default) or ``"circulant"``: the certified upper bound of conv norms and its
+        stopping rule (module docstring, "Certified bounds").
       min_iters, max_iters, tol: stopping rule (module docstring, "Certified bounds").
       gram_iters: Gram iterations of the upper bounds.
       log: ``total``/``total_upper`` as log R_A.
@@ -1046,15 +1319,14 @@ def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=Non
       :class:`NormResult`.
     """
     _validate(definition, norm_layers, dense_method, layout, attention)
+    _check_choice("conv_bound", conv_bound, CONV_BOUNDS)
     pi_kw = dict(min_iters=min_iters, max_iters=max_iters, tol=tol)
     readings, rhos, new_state = _readings(variables, layout, state, definition, norm_layers, attention,
-                                          dense_method, pi_kw, gram_iters)
+                                          dense_method, pi_kw, gram_iters, conv_bound)
     total = _combine(readings, rhos, definition, "spec", log)
     total_upper = _combine(readings, rhos, definition, "spec_upper", log)
     gaps = jnp.stack([_safe_div(r.spec_upper - r.spec, r.spec) for r in readings.values()])
-    unconverged = jnp.sum(jnp.stack([
-        (r.iters >= max_iters) & (r.delta > tol) & (_safe_div(r.spec_upper - r.spec, r.spec) > tol)
-        for r in readings.values()]).astype(jnp.int32))
+    unconverged = jnp.sum(jnp.stack([jnp.asarray(r.unconverged) for r in readings.values()]).astype(jnp.int32))
     parts = {n: {"spec": r.spec, "spec_upper": r.spec_upper, "l21": r.l21} for n, r in readings.items()}
     zoo_out = {}
     if zoo:
@@ -1063,7 +1335,7 @@ def evaluate(variables, layout, state=None, *, init_variables=None, apply_fn=Non
         op_readings = readings
         if definition == "deep_norm":  # the zoo is on the operators: read them too, warm-started from the state
             op_readings, _, new_state = _readings(variables, layout, state, "paper", norm_layers, attention,
-                                                  dense_method, pi_kw, gram_iters)
+                                                  dense_method, pi_kw, gram_iters, conv_bound)
         zoo_out = norm_zoo(
             variables, layout, init_variables, spec={n: r.spec for n, r in op_readings.items()},
             apply_fn=apply_fn, input_shape=input_shape, definition=definition,
@@ -1080,6 +1352,7 @@ def spectral_complexity(
     norm_layers: str = "fold",
     attention: str = "stacked",
     dense_method: str = "svd",
+    conv_bound: str = "exact",
     min_iters: int = 2,
     max_iters: int = 500,
     tol: float = 1e-5,
@@ -1097,6 +1370,7 @@ def spectral_complexity(
       norm_layers: ``"fold"`` (default), ``"exclude"`` or ``"include"`` normalization layers.
       attention: ``"stacked"`` (q, k, v as one operator) or ``"separate"``.
       dense_method: ``"svd"`` (exact) or ``"power"`` for dense spectral norms.
+      conv_bound: ``"exact"`` or ``"circulant"`` certified upper bound of conv norms (module docstring).
       min_iters, max_iters, tol, gram_iters: stopping rule and upper bounds (module docstring).
       log: return log R_A as ``total``.
 
@@ -1106,8 +1380,8 @@ def spectral_complexity(
       (``iters``/``delta`` report the stopping point). :func:`evaluate` also returns the upper R_A and the zoo.
     """
     r = evaluate(variables, layout, state, zoo=False, definition=definition, norm_layers=norm_layers,
-                 attention=attention, dense_method=dense_method, min_iters=min_iters, max_iters=max_iters,
-                 tol=tol, gram_iters=gram_iters, log=log)
+                 attention=attention, dense_method=dense_method, conv_bound=conv_bound, min_iters=min_iters,
+                 max_iters=max_iters, tol=tol, gram_iters=gram_iters, log=log)
     return r.total, r.parts, r.state
 
 
