@@ -89,8 +89,9 @@ class RunDirMismatch(ValueError):
 def default_steps_per_dispatch(backend: str, arch: str = "cnn") -> int:
     # bench/bench_engine.py on the project's 2-core CPU, replica_axis="map": LeNet-5 ("phase" convs)
     # 8 steps per dispatch in a rolled lax.scan (R = 16: 31,600 images/s; unrolled 25,500; one step
-    # per dispatch 29,500); ResNet-20 and ViT the same (bench/engine.json). On accelerators a scan
-    # of 16 steps amortizes the dispatch overhead.
+    # per dispatch 29,500). ResNet-20 and ViT at R = 16 read K = 1 4-7% faster than K = 8 in one
+    # run (410 vs 383, 885 vs 850 images/s; bench/engine.json), within this host's run-to-run
+    # spread, so 8 stays. On accelerators a scan of 16 steps amortizes the dispatch overhead.
     del arch  # one value for every architecture today; kept so that a measurement can differ
     return 8 if backend == "cpu" else 16
 
