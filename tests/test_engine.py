@@ -589,6 +589,22 @@ def _summary(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _sigkill_after_checkpoints(proc, run_dir, min_rows: int, poll: float = 0.05, timeout: float = 300) -> None:
+    """SIGKILLs ``proc`` once ``run_dir`` holds two checkpoint steps and more than ``min_rows`` result lines."""
+    deadline, killed = time.time() + timeout, False
+    while time.time() < deadline and proc.poll() is None:
+        ck = run_dir / "checkpoints"
+        steps = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
+        rows = (run_dir / "results.csv").read_text().count("\n") if (run_dir / "results.csv").exists() else 0
+        if len(steps) >= 2 and rows > min_rows:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(poll)
+    proc.wait()
+    assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
     out0, _ = base_run
@@ -599,19 +615,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(base_run, tmp_path):
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Kill it once a checkpoint exists and more rows have been written after it.
-    deadline = time.time() + 300
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        ck = run_dir / "checkpoints"
-        steps = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
-        rows = (run_dir / "results.csv").read_text().count("\n") if (run_dir / "results.csv").exists() else 0
-        if len(steps) >= 2 and rows > 8:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
+    _sigkill_after_checkpoints(proc, run_dir, min_rows=8)
     _summary(_sweep(script, run_dir, kw, timeout=600))
     _assert_same_run(run_dir, out0)
 
@@ -624,18 +628,7 @@ def test_log_steps_sigkill_then_rerun_equals_uninterrupted(log_steps_run, tmp_pa
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir), json.dumps(kw), "{}"],
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, killed = time.time() + 300, False
-    while time.time() < deadline and proc.poll() is None:
-        ck = run_dir / "checkpoints"
-        steps = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
-        rows = (run_dir / "results.csv").read_text().count("\n") if (run_dir / "results.csv").exists() else 0
-        if len(steps) >= 2 and rows > 20:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed, "the run finished before it could be killed; " + proc.stderr.read().decode()[-2000:]
+    _sigkill_after_checkpoints(proc, run_dir, min_rows=20, poll=0.02)
     _summary(_sweep(script, run_dir, kw, timeout=600))
     _assert_same_run(run_dir, log_steps_run)
 
