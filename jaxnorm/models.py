@@ -204,6 +204,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", impl
     kh, kw, cin, cout = kernel.shape
     strides = tuple(int(s) for s in strides)
     pads = explicit_pads(x.shape[1:3], (kh, kw), strides, padding)
+    # lax.conv_general_dilated wants one dtype (the matmul formulations promote): float64 variables
+    # (jax_enable_x64) on float32 images, say.
+    dtype = jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
