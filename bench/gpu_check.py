@@ -50,9 +50,8 @@ from jaxnorm import config as config_lib  # noqa: E402
 from jaxnorm import engine, models, schedule  # noqa: E402
 
 ARCHS = ("cnn", "resnet", "vit")
-MNIST_P = [89, 188, 375, 750, 1500, 3000, 6000, 12000, 24000, 30000, 36000, 42000, 48000]
-CIFAR_CNN_P = list(range(4000, 48001, 4000))
-CIFAR_DEEP_P = list(range(6000, 46001, 5000))
+# Appendix E's P grids (jaxnorm.config) and epochs of the nine (architecture, dataset) pairs.
+MNIST_P, CIFAR_CNN_P, CIFAR_DEEP_P = config_lib.MNIST_P, config_lib.CIFAR_CNN_P, config_lib.CIFAR_DEEP_P
 PAPER = {"cnn": [(MNIST_P, 500), (CIFAR_CNN_P, 500), (CIFAR_CNN_P, 500)],
          "resnet": [(MNIST_P, 1000), (CIFAR_DEEP_P, 1000), (CIFAR_DEEP_P, 1000)],
          "vit": [(MNIST_P, 1000), (CIFAR_DEEP_P, 1000), (CIFAR_DEEP_P, 1000)]}
