@@ -72,6 +72,7 @@ from jaxnorm import results as results_lib
 from jaxnorm import rundir
 from jaxnorm import schedule as schedule_lib
 
+SECONDS = ("train", "eval_norms", "eval_metrics", "checkpoint")  # summary.json's "seconds"
 CONFIG_FILE = "config.json"
 VERSIONS_FILE = "versions.json"
 AXIS = evaluate_lib.AXIS
@@ -100,6 +101,20 @@ def default_replica_axis(backend: str) -> str:
     # bench/bench_engine.py: on XLA:CPU a vmapped LeNet step (grouped convs / batched matmuls) is
     # slower than the replicas' unbatched steps one after another; accelerators want the batch.
     return "map" if backend == "cpu" else "vmap"
+
+
+def default_conv_bound(backend: str, arch: str) -> str:
+    """``norm_conv_bound="auto"``: the certified conv bound the engine logs, per (backend, architecture).
+
+    "exact" (``jaxnorm.norms.conv_bound_holds``, every conv norm certified to ``norm_tol``) wherever its
+    block Cholesky is cheap: LeNet-5 (2 convs on <= 28 x 28 maps; a Fashion-MNIST LeNet sweep on this
+    2-core CPU closed every conv gap to 1e-3, where the circulant bound left conv2 up to 48% open), the
+    ViT (one patch conv, whose circulant bound is already exact) and every accelerator. "circulant" for
+    the ResNet on the CPU: 19 convs whose Gram blocks are ~1000 wide cost ~0.8 s per test and replica on
+    the 32 x 32 stage (~14 s per evaluation and replica, against ~11 s of training per replica-epoch at
+    P = 4096; BUILD.md, "Norm logging cost").
+    """
+    return "circulant" if (backend == "cpu" and arch == "resnet") else "exact"
 
 
 def default_replicas_per_device(backend: str) -> int:
@@ -236,8 +251,10 @@ class Engine:
         repl = NamedSharding(self.mesh, PartitionSpec())
         self.x_train = jax.device_put(np.asarray(ds.x_train, np.float32), repl)
         self.y_train = jax.device_put(np.asarray(ds.y_train, np.int32), repl)
+        self.conv_bound = (cfg.norm_conv_bound if cfg.norm_conv_bound != "auto"
+                           else default_conv_bound(self.backend, cfg.arch))
         norm_kw = dict(definition=cfg.norm_definition, norm_layers=cfg.norm_layers, attention=cfg.norm_attention,
-                       zoo=cfg.norm_zoo, dense_method=cfg.dense_method, conv_bound=cfg.norm_conv_bound,
+                       zoo=cfg.norm_zoo, dense_method=cfg.dense_method, conv_bound=self.conv_bound,
                        max_iters=cfg.norm_max_iters, tol=cfg.norm_tol)
         self.evaluator = evaluate_lib.Evaluator(self.model_spec, self.mesh, ds.x_test, ds.y_test, self.x_train,
                                                 self.y_train, eval_batch=cfg.eval_batch, test_subset=cfg.test_subset,
@@ -370,6 +387,7 @@ class Engine:
         mark = rundir.mark_results(self.results_path)
         meta = dict(scheduler=self.pool.state_dict(), results_bytes=mark.size, results=mark._asdict(), n_slots=self.pool.n_slots,
                     wall_time=wall, finished=finished, count=self.ckpt_count, science=self.cfg.science(),
+                    seconds=self._seconds(),
                     process_index=self.proc, process_count=self.nproc)
         ckpt_lib.save(self.ckpt_dir, self.ckpt_count, jax.tree.map(np.asarray, states), meta)
 
@@ -391,6 +409,9 @@ class Engine:
         self.pool.load_state_dict(meta["scheduler"], R)
         self.results.truncate(meta["results"]["size"])  # verified: the file is at least that long
         self.ckpt_count = meta["count"]
+        # Time already spent by the earlier segments (checkpoints written before this field: zeros).
+        self.seconds = {k: float(meta.get("seconds", {}).get(k, 0.0)) for k in SECONDS}
+        self.evaluator.seconds = {"norms": self.seconds["eval_norms"], "metrics": self.seconds["eval_metrics"]}
         host = ckpt_lib.restore_state(self.ckpt_dir, step, self.p.abstract(meta["n_slots"]))
         return jax.device_put(ckpt_lib.pad_slots(host, R), self.sharded), meta["wall_time"]
 
@@ -424,6 +445,8 @@ class Engine:
         (self.out / results_lib.MARGIN_DIR).mkdir(parents=True, exist_ok=True)
         self.results = results_lib.Writer(self.results_path, results_lib.columns(self.layer_names, zoo=self.cfg.norm_zoo))
         self.ckpt_count, wall0 = 0, 0.0
+        self.seconds = dict.fromkeys(SECONDS, 0.0)
+        self.evaluator.seconds = {"norms": 0.0, "metrics": 0.0}
         if resume is not None:
             states, wall0 = self._restore(*resume)
         else:
@@ -457,10 +480,13 @@ class Engine:
                     states = self._compact(states, d.keep)
                     self.compactions += 1
                 if self._checkpoint_due(t_ckpt, steps_ckpt):
+                    t_save = time.perf_counter()
                     self._save(states, wall())
+                    self.seconds["checkpoint"] += time.perf_counter() - t_save
                     t_ckpt, steps_ckpt = time.time(), pool.busy_steps
                 if stop_after_dispatches is not None and dispatches >= stop_after_dispatches:
                     return dict(stopped=True)
+                t_train = time.perf_counter()
                 idx, w, act = self._batches(d.steps)
                 put = lambda a: jax.device_put(a, self.sharded)
                 try:
@@ -470,6 +496,7 @@ class Engine:
                     if _is_oom(err):
                         raise MemoryError(self._oom("training")) from err
                     raise
+                self.seconds["train"] += time.perf_counter() - t_train
                 pool.advance(d.steps)
                 dispatches += 1
                 for r in np.nonzero(diverged)[0]:
@@ -486,13 +513,29 @@ class Engine:
         _write_atomic(self.summary_path, json.dumps(summary, indent=2))
         return summary
 
+    def _seconds(self) -> dict:
+        """Wall seconds per activity, summed over every segment of the run (resumes included)."""
+        ev = self.evaluator.seconds
+        return {**getattr(self, "seconds", dict.fromkeys(SECONDS, 0.0)), "eval_norms": ev["norms"], "eval_metrics": ev["metrics"]}
+
     def summary(self, wall_time: float) -> dict:
+        """The run's ``summary.json``: scheduling figures, engine settings and the time it took.
+
+        ``seconds``: wall seconds summed over the run's segments in training dispatches (host batch
+        indices included), norm evaluations (``jaxnorm.norms.evaluate`` of the evaluated slots), test/train
+        metrics and checkpoint writes; ``train_images_per_s``: busy replica-steps x batch size / train
+        seconds (the engine throughput); ``norm_fraction``: eval_norms / train seconds (issue 11's cost)."""
         p = self.pool
+        sec = {k: round(v, 2) for k, v in self._seconds().items()}
+        rate = p.busy_steps * self.cfg.batch_size / sec["train"] if sec["train"] > 0 else None
         return dict(jobs=len(self.jobs), finished=len(p.finished), diverged=sum(p.finished.values()),
                     idle_fraction=p.idle_fraction(), busy_replica_steps=p.busy_steps, idle_replica_steps=p.idle_steps,
                     slots=p.ladder[0], compactions=getattr(self, "compactions", 0), steps_per_dispatch=self.K, scan_unroll=self.unroll,
-                    replica_axis=self.replica_axis, conv_impl=self.model_spec[4], devices=self.n_dev,
-                    process_index=self.proc, process_count=self.nproc, traces=dict(self.traces), wall_time=wall_time)
+                    replica_axis=self.replica_axis, conv_impl=self.model_spec[4], conv_bound=self.conv_bound,
+                    devices=self.n_dev,
+                    process_index=self.proc, process_count=self.nproc, traces=dict(self.traces), wall_time=wall_time,
+                    seconds=sec, train_images_per_s=None if rate is None else round(rate, 1),
+                    norm_fraction=round(sec["eval_norms"] / sec["train"], 4) if sec["train"] > 0 else None)
 
 
 # ------------------------------------------------------------------------------------------------

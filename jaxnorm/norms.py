@@ -621,13 +621,43 @@ def _block(table, idx):
     return table[idx].transpose(0, 2, 1, 3).reshape(b * c, b * c)
 
 
+def _one_at_a_time_on_cpu(f):
+    """``f(*arrays)`` whose ``jax.vmap`` runs, on the CPU, one batch element at a time (``lax.map``).
+
+    Why: a batched LAPACK factorization on the CPU (jaxlib's ``CholeskyFactorization`` FFI kernel)
+    splits its batch over XLA's intra-op thread pool and blocks on the parts; in a program of one of
+    several XLA CPU devices (``--xla_force_host_platform_device_count``, the engine's ``--cpu-devices``)
+    the parts never run and the process hangs (gdb: ``jax::ParallelBatchMap`` in
+    ``BlockingCounter::Wait``; reproduced with 2 devices, a batch of 4 768x768 Cholesky factorizations
+    in a ``shard_map``ped scan: it hangs vmapped and finishes in 5 s ``lax.map``ped). One element at a
+    time never splits. Other backends keep the batched call (cuSOLVER batches well).
+    """
+    g = jax.custom_batching.custom_vmap(f)
+
+    @g.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        full = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a)) for a, b in zip(args, in_batched))
+        one = lambda xs: g(*xs)  # noqa: E731 -- unbatched inside the map (an outer vmap re-enters the rule)
+        out = lax.platform_dependent(*full, cpu=lambda *xs: lax.map(one, xs), default=lambda *xs: jax.vmap(f)(*xs))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return g
+
+
 def _gram_bound_holds(kernel, plan: _GramPlan, gamma) -> jax.Array:
     """True iff ``gamma^2 I - G`` is positive definite (Cholesky succeeds), i.e. ``||A||_sigma < gamma``.
+
+    Batched (``jax.vmap``) one element at a time on the CPU (:func:`_one_at_a_time_on_cpu`).
 
     G is block tridiagonal in blocks of ``block_rows`` position rows; the Cholesky factorization runs over the
     blocks: ``S_0 = M_00``, ``L_i = chol(S_i)``, ``F_i = M_{i+1,i} L_i^{-T}``, ``S_{i+1} = M_{i+1,i+1} - F_i F_i^T``.
     It succeeds in exact arithmetic iff ``M = gamma^2 I - G`` is positive definite.
     """
+    return _one_at_a_time_on_cpu(functools.partial(_gram_bound_holds_one, plan=plan))(
+        jnp.asarray(kernel), jnp.asarray(gamma, jnp.asarray(kernel).dtype))
+
+
+def _gram_bound_holds_one(kernel, gamma, *, plan: _GramPlan) -> jax.Array:
     table = _gram_kernel_table(kernel, plan)
     n = plan.block_rows * plan.cols * table.shape[-1]
     eye = jnp.eye(n, dtype=kernel.dtype)

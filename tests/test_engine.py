@@ -214,6 +214,28 @@ def test_simulated_schedule_is_the_trained_one(base_run):
     assert (sim["busy_steps"], sim["idle_steps"]) == (summary["busy_replica_steps"], summary["idle_replica_steps"])
 
 
+def test_summary_times_training_norms_and_metrics(base_run):
+    _, summary = base_run
+    sec = summary["seconds"]
+    assert set(sec) == set(engine.SECONDS)
+    assert sec["train"] > 0 and sec["eval_norms"] > 0 and sec["eval_metrics"] > 0
+    assert sum(sec.values()) <= summary["wall_time"] + 0.1  # disjoint parts of the run's wall time
+    cfg = cfg_of()
+    assert summary["train_images_per_s"] == pytest.approx(
+        summary["busy_replica_steps"] * cfg.batch_size / sec["train"], rel=1e-2)
+    assert summary["norm_fraction"] == pytest.approx(sec["eval_norms"] / sec["train"], rel=1e-2, abs=1e-4)
+
+
+def test_resumed_summary_adds_the_earlier_segments_seconds(two_ckpt_run, ds, tmp_path):
+    run_dir, _ = _copy_run(two_ckpt_run, tmp_path / "run")
+    meta = json.loads((run_dir / "checkpoints" / "2" / "meta.json").read_text())
+    before = meta["seconds"]
+    assert before["train"] > 0 and before["eval_norms"] > 0
+    summary = engine.run(cfg_of(**TWO_CKPT), run_dir, quiet=True, dataset=ds)
+    for k, v in before.items():
+        assert summary["seconds"][k] >= round(v, 2) - 0.01, k
+
+
 def test_rerun_of_finished_sweep_is_noop(base_run, ds):
     out, _ = base_run
     before = (out / "results.csv").read_bytes()

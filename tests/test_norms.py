@@ -11,6 +11,7 @@ and agree to ~1e-15; we still use 1e-10.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -805,3 +806,44 @@ def test_path_norm_of_vit_is_finite_and_matches_a_numpy_forward_pass(x64):
     squared = jax.tree.map(lambda a: np.asarray(a) ** 2, variables["params"])
     want = np.sqrt(_vit_path_forward_numpy(squared, np.ones(model.input_shape)).sum())
     assert np.isfinite(got) and rel(got, want) < 1e-10, (got, want)
+
+
+CERT_TWO_DEVICES = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxnorm import norms
+# 8 kernels whose Gram blocks are 2 rows x 24 columns x 16 channels = 768 wide, 4 per device, as the engine's
+# per-device norm program batches its replicas (shard_map over devices, vmap over local replicas).
+rng = np.random.default_rng(0)
+kernels = rng.normal(size=(8, 3, 3, 16, 16)).astype(np.float32)
+shape = (4, 24, 16)
+truth = np.array([np.linalg.svd(np.asarray(jax.jacobian(lambda x: norms._conv(x, jnp.asarray(k), (1, 1), "SAME"))(
+    jnp.zeros(shape, jnp.float32))).reshape(-1, int(np.prod(shape))), compute_uv=False)[0] for k in kernels])
+mesh = Mesh(jax.devices(), ("r",))
+f = jax.jit(jax.shard_map(jax.vmap(lambda k, g: norms.conv_bound_holds(k, shape, 1, "SAME", g)), mesh=mesh,
+                          in_specs=(P("r"), P("r")), out_specs=P("r"), check_vma=False))
+put = lambda a: jax.device_put(a, NamedSharding(mesh, P("r")))
+above = np.asarray(f(put(kernels), put((truth * 1.001).astype(np.float32))))
+below = np.asarray(f(put(kernels), put((truth * 0.999).astype(np.float32))))
+print(int(above.sum()), int(below.sum()))
+"""
+
+
+def test_conv_certificate_batched_on_two_cpu_devices_does_not_hang(tmp_path):
+    # jaxlib's batched CPU Cholesky splits its batch over XLA's intra-op pool and, in a program of one of
+    # several XLA CPU devices, waits forever for the parts (the engine's exact-bound sweeps on --cpu-devices 2
+    # hung in their first evaluation). conv_bound_holds maps over the batch on the CPU instead.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "cert2.py"
+    script.write_text(CERT_TWO_DEVICES)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["8", "0"]  # every bound 0.1% above the SVD value holds, every one below fails
