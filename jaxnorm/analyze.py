@@ -10,7 +10,9 @@ Writes into DIR (default RUN_DIR/analysis): table1.{md,csv} (Model, Dataset, gam
 gamma_meas, sigma), table2.{md,csv} (Model, Dataset, gamma1, sigma1, gamma2, sigma2),
 summary.json (everything: fits with ranges, P_min, collapse quality, thresholds, warnings) and,
 per (arch, dataset), the figures (PNG and PDF) of Figs. 3-9 of the paper, and a held-out check
-(fit all but the two largest P, predict their optima: summary "holdout"). Bad input: one
+(fit all but the two largest P, predict their optima: summary "holdout"), the early-phase collapse
+quality of every logged norm (``norm_collapse_<group>.{md,csv}``, summary "norm_collapse") and the
+sweep's own summary.json (wall time, seconds per activity, engine throughput: summary "run"). Bad input: one
 ``error:`` line naming the problem, exit code 2, nothing written.
 """
 
@@ -48,6 +50,24 @@ def _group(df, s):
         if col in df.columns and val is not None:
             df = df[df[col].astype(str) == val]
     return df
+
+
+def _engine_summaries(run_dir: str) -> dict:
+    """The sweep's own ``summary.json`` (``summary.p<i>.json`` per process): wall time summed over the run's
+    segments, the seconds in training / norms / metrics / checkpoints, the engine throughput
+    (``train_images_per_s``), devices and engine settings. {} when the run directory has none (e.g. a
+    results table analysed on its own)."""
+    import glob
+    import json
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "summary*.json"))):
+        try:
+            with open(path) as fh:
+                found[os.path.basename(path)] = json.load(fh)
+        except (OSError, ValueError):
+            continue  # not the engine's file (or unreadable): the analysis does not need it
+    return found
 
 
 def main(argv=None) -> int:
@@ -101,6 +121,20 @@ def _main(argv=None) -> int:
     with open(os.path.join(out, "table2.md"), "w") as fh:
         fh.write("Table 2: exponents gamma1 (Eq. 3) and gamma2 (Eq. 4)\n\n")
         fh.write(analysis.to_markdown(t2))
+    # Which norm collapses the early phase best (issue 8's zoo), per group with norm columns.
+    for name, s in summaries.items():
+        if "error" in s:
+            continue
+        sub = _group(df, s)
+        if any(str(c).startswith("zoo/") for c in sub.columns):
+            nc = analysis.compare_norms(sub)
+            s["norm_collapse"] = nc.to_dict(orient="records")
+            stem = os.path.join(out, f"norm_collapse_{name.replace('/', '_')}")
+            nc.to_csv(stem + ".csv", index=False)
+            with open(stem + ".md", "w") as fh:
+                fh.write(f"Early-phase collapse of eps(x) across P for each norm x ({name}; "
+                         "jaxnorm.analysis.compare_norms: spread = std of log10 eps across P, smaller is better)\n\n")
+                fh.write(analysis.to_markdown(nc))
     figures = {}
     if not args.no_figures:
         from jaxnorm import plots  # matplotlib only when figures are wanted
@@ -113,8 +147,8 @@ def _main(argv=None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 figures[name] = plots.all_figures(sub, s, fig_dir, run_dir=args.run_dir)
-    analysis.dump_json({"run_dir": os.path.abspath(args.run_dir), "groups": summaries,
-                        "figures": figures}, os.path.join(out, "summary.json"))
+    analysis.dump_json({"run_dir": os.path.abspath(args.run_dir), "run": _engine_summaries(args.run_dir),
+                        "groups": summaries, "figures": figures}, os.path.join(out, "summary.json"))
     print(analysis.to_markdown(t1[["Model", "Dataset", "gamma_pred", "gamma_meas", "sigma"]]))
     print(analysis.to_markdown(t2[["Model", "Dataset", "gamma1", "sigma1", "gamma2", "sigma2"]]))
     for name, s in summaries.items():

@@ -121,9 +121,9 @@ class SweepConfig:
     norm_layers: str = "fold"
     norm_attention: str = "stacked"
     norm_zoo: bool = True
-    # "power" (power iteration, Gram-iteration upper bound) keeps LAPACK out of the compiled evaluation:
-    # an eigvalsh/svd custom call in the per-device norm programs deadlocked XLA:CPU with 2 devices
-    # (tests/test_engine.py's 2-device run hung in the norms; 27 s with "power").
+    # "power" (power iteration, Gram-iteration upper bound, certified within norm_tol). It was chosen when a
+    # batched eigvalsh in the per-device norm programs deadlocked XLA:CPU with 2 devices; the LAPACK calls
+    # now run one matrix at a time on the CPU (norms._one_at_a_time_on_cpu), so "svd" is safe there too.
     dense_method: str = "power"
     norm_max_iters: int = 500
     # 1e-3: every logged spectral norm certified within 0.1% (R_A's interval within ~2% for ResNet-20's ~20

@@ -911,9 +911,9 @@ def _l21(rows_sq, cols_sq, n_copies, definition):
 def _matrix_norms(mats: Sequence[jax.Array]) -> list[jax.Array]:
     """Largest singular value of each small matrix: sqrt of the top eigenvalue of its smaller Gram matrix.
 
-    All Gram matrices are zero-padded to one size (PSD: padding adds zero eigenvalues only) and go through *one*
-    ``eigvalsh``. Why: on XLA:CPU (2 cores) a program with a dozen independent batched LAPACK calls
-    (``eigvalsh`` or ``svd``; paper-size ViT, R = 4) deadlocked; one call cannot. And why not ``jnp.linalg.svd``:
+    All Gram matrices are zero-padded to one size (PSD: padding adds zero eigenvalues only) and go through one
+    ``eigvalsh``, mapped over the matrices (and replicas) one at a time on the CPU: batched LAPACK calls
+    deadlocked XLA:CPU programs (:func:`_one_at_a_time_on_cpu`). And why not ``jnp.linalg.svd``:
     the batched SVD of LeNet's three dense kernels (R = 4) took 108 ms, this 7 ms; they agreed to 5e-7.
     """
     if not mats:
@@ -921,7 +921,9 @@ def _matrix_norms(mats: Sequence[jax.Array]) -> list[jax.Array]:
     grams = [k.T @ k if k.shape[0] >= k.shape[1] else k @ k.T for k in mats]
     d = max(g.shape[0] for g in grams)
     stack = jnp.stack([jnp.pad(g, ((0, d - g.shape[0]), (0, d - g.shape[0]))) for g in grams])
-    top = jnp.linalg.eigvalsh(stack)[..., -1]
+    # One matrix per LAPACK call on the CPU (a batched call hangs multi-device CPU programs: see
+    # _one_at_a_time_on_cpu); the vmap over the stack and any vmap over replicas become maps there.
+    top = jax.vmap(_one_at_a_time_on_cpu(lambda g: jnp.linalg.eigvalsh(g)[-1]))(stack)
     return [jnp.sqrt(jnp.maximum(top[i], 0)) for i in range(len(mats))]
 
 

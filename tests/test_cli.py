@@ -306,3 +306,31 @@ def test_ctrl_c_swallowed_by_a_gc_callback_is_redelivered(capsys):
     assert cli.guard(main, []) == cli.EXIT_INTERRUPTED and fired
     err = capsys.readouterr().err
     assert err.strip() == cli.INTERRUPTED and "Exception ignored" not in err
+
+
+def test_analyze_writes_norm_collapse_and_the_runs_engine_summary(tmp_path, capsys):
+    # A run directory as the engine leaves it: results with zoo columns and the engine's summary.json. The
+    # analysis ranks every norm column (a P-dependent rescaling of lambda cannot collapse the curves) and copies
+    # the run's wall time and throughput into its summary.
+    import json
+
+    import numpy as np
+
+    df = analysis.synthetic_curves(P_values=(1000, 2000, 4000), n_epochs=30)
+    df["zoo/frobenius"] = 2.0 * df["spectral_complexity"]  # collapses exactly as lambda does
+    df["zoo/by_P"] = df["spectral_complexity"] * df["P"] ** 2  # shifted by 2 decades per decade of P
+    df.to_csv(tmp_path / "results.csv", index=False)
+    engine_summary = {"wall_time": 123.4, "seconds": {"train": 100.0, "eval_norms": 5.0}, "train_images_per_s": 999.0}
+    (tmp_path / "summary.json").write_text(json.dumps(engine_summary))
+    out = tmp_path / "analysis"
+    assert analyze.main([str(tmp_path), "--out", str(out), "--no-figures"]) == 0
+    capsys.readouterr()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["run"] == {"summary.json": engine_summary}
+    (group,) = s["groups"].values()
+    ranks = {r["column"]: r for r in group["norm_collapse"]}
+    assert ranks["zoo/frobenius"]["spread_mean"] == pytest.approx(ranks["spectral_complexity"]["spread_mean"], abs=1e-9)
+    assert ranks["zoo/by_P"]["rank"] > ranks["spectral_complexity"]["rank"]
+    assert np.isfinite(ranks["spectral_complexity"]["spread_mean"])
+    (md,) = out.glob("norm_collapse_*.md")
+    assert "zoo/by_P" in md.read_text()

@@ -828,14 +828,20 @@ f = jax.jit(jax.shard_map(jax.vmap(lambda k, g: norms.conv_bound_holds(k, shape,
 put = lambda a: jax.device_put(a, NamedSharding(mesh, P("r")))
 above = np.asarray(f(put(kernels), put((truth * 1.001).astype(np.float32))))
 below = np.asarray(f(put(kernels), put((truth * 0.999).astype(np.float32))))
-print(int(above.sum()), int(below.sum()))
+# The dense path's eigvalsh (dense_method="svd"), batched the same way: 8 768 x 768 kernels.
+mats = rng.normal(size=(8, 768, 768)).astype(np.float32)
+h = jax.jit(jax.shard_map(jax.vmap(lambda k: norms._matrix_norms([k])[0]), mesh=mesh, in_specs=P("r"),
+                          out_specs=P("r"), check_vma=False))
+dense = np.asarray(h(put(mats)))
+ok = np.allclose(dense, [np.linalg.svd(m, compute_uv=False)[0] for m in mats], rtol=1e-4)
+print(int(above.sum()), int(below.sum()), int(ok))
 """
 
 
-def test_conv_certificate_batched_on_two_cpu_devices_does_not_hang(tmp_path):
+def test_lapack_norms_batched_on_two_cpu_devices_do_not_hang(tmp_path):
     # jaxlib's batched CPU Cholesky splits its batch over XLA's intra-op pool and, in a program of one of
     # several XLA CPU devices, waits forever for the parts (the engine's exact-bound sweeps on --cpu-devices 2
-    # hung in their first evaluation). conv_bound_holds maps over the batch on the CPU instead.
+    # hung in their first evaluation). conv_bound_holds and the dense eigvalsh map over the batch on the CPU.
     import subprocess
     import sys
     from pathlib import Path
@@ -846,4 +852,5 @@ def test_conv_certificate_batched_on_two_cpu_devices_does_not_hang(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, env=env,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["8", "0"]  # every bound 0.1% above the SVD value holds, every one below fails
+    # Every bound 0.1% above the SVD value holds, every one below fails; the dense norms equal numpy's SVD.
+    assert done.stdout.split() == ["8", "0", "1"]
