@@ -1,5 +1,8 @@
-"""Cost of logging the norms (jaxnorm.norms.evaluate: R_A with its certified bounds and the norm zoo) every
-epoch -- the paper's evaluation schedule and the sweep default (eval_every=1) -- against one training epoch.
+"""Cost of logging the norms (jaxnorm.norms.evaluate: R_A with its certified bounds and the norm zoo) once,
+against one training epoch: the cost of evaluating every epoch (eval_every=1), an upper bound on the cost at
+the paper's own schedule (the authors' train/training.py logs at the ~40 distinct epochs of
+np.logspace(0, log10(T), 50) over T = 500 or 1000 epochs). A sweep measures the cost at its real schedule:
+summary.json's seconds_by_part.eval_norms and norm_fraction (jaxnorm.engine).
 
 For each architecture, R replicas are trained together as the engine does on CPU (K = 8 Adam steps per dispatch
 in a ``lax.scan``, ``lax.map`` over replicas; ``--replica-axis vmap`` for the accelerator formulation), batch 64,

@@ -72,7 +72,7 @@ from jaxnorm import results as results_lib
 from jaxnorm import rundir
 from jaxnorm import schedule as schedule_lib
 
-SECONDS = ("train", "eval_norms", "eval_metrics", "checkpoint")  # summary.json's "seconds"
+SECONDS = ("train", "eval_norms", "eval_metrics", "checkpoint")  # summary.json's "seconds_by_part"
 CONFIG_FILE = "config.json"
 VERSIONS_FILE = "versions.json"
 AXIS = evaluate_lib.AXIS
@@ -258,7 +258,8 @@ class Engine:
                        max_iters=cfg.norm_max_iters, tol=cfg.norm_tol)
         self.evaluator = evaluate_lib.Evaluator(self.model_spec, self.mesh, ds.x_test, ds.y_test, self.x_train,
                                                 self.y_train, eval_batch=cfg.eval_batch, test_subset=cfg.test_subset,
-                                                train_eval_max=cfg.train_eval_max, norm_kw=norm_kw)
+                                                train_eval_max=cfg.train_eval_max, norm_kw=norm_kw,
+                                                replica_axis=self.replica_axis)
         seeds = range(cfg.seed_start, cfg.seed_start + cfg.seeds)
         # cfg.eval_steps: evaluation steps per job from its steps per epoch (epoch schedules give epoch
         # boundaries, "log_steps" log-spaced steps that depend on P).
@@ -387,7 +388,7 @@ class Engine:
         mark = rundir.mark_results(self.results_path)
         meta = dict(scheduler=self.pool.state_dict(), results_bytes=mark.size, results=mark._asdict(), n_slots=self.pool.n_slots,
                     wall_time=wall, finished=finished, count=self.ckpt_count, science=self.cfg.science(),
-                    seconds=self._seconds(),
+                    seconds_by_part=self._seconds(),
                     process_index=self.proc, process_count=self.nproc)
         ckpt_lib.save(self.ckpt_dir, self.ckpt_count, jax.tree.map(np.asarray, states), meta)
 
@@ -410,7 +411,7 @@ class Engine:
         self.results.truncate(meta["results"]["size"])  # verified: the file is at least that long
         self.ckpt_count = meta["count"]
         # Time already spent by the earlier segments (checkpoints written before this field: zeros).
-        self.seconds = {k: float(meta.get("seconds", {}).get(k, 0.0)) for k in SECONDS}
+        self.seconds = {k: float(meta.get("seconds_by_part", {}).get(k, 0.0)) for k in SECONDS}
         self.evaluator.seconds = {"norms": self.seconds["eval_norms"], "metrics": self.seconds["eval_metrics"]}
         host = ckpt_lib.restore_state(self.ckpt_dir, step, self.p.abstract(meta["n_slots"]))
         return jax.device_put(ckpt_lib.pad_slots(host, R), self.sharded), meta["wall_time"]
@@ -521,7 +522,7 @@ class Engine:
     def summary(self, wall_time: float) -> dict:
         """The run's ``summary.json``: scheduling figures, engine settings and the time it took.
 
-        ``seconds``: wall seconds summed over the run's segments in training dispatches (host batch
+        ``seconds_by_part``: wall seconds summed over the run's segments in training dispatches (host batch
         indices included), norm evaluations (``jaxnorm.norms.evaluate`` of the evaluated slots), test/train
         metrics and checkpoint writes; ``train_images_per_s``: busy replica-steps x batch size / train
         seconds (the engine throughput); ``norm_fraction``: eval_norms / train seconds (issue 11's cost)."""
@@ -534,7 +535,7 @@ class Engine:
                     replica_axis=self.replica_axis, conv_impl=self.model_spec[4], conv_bound=self.conv_bound,
                     devices=self.n_dev,
                     process_index=self.proc, process_count=self.nproc, traces=dict(self.traces), wall_time=wall_time,
-                    seconds=sec, train_images_per_s=None if rate is None else round(rate, 1),
+                    seconds_by_part=sec, train_images_per_s=None if rate is None else round(rate, 1),
                     norm_fraction=round(sec["eval_norms"] / sec["train"], 4) if sec["train"] > 0 else None)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -92,13 +93,17 @@ class Programs(NamedTuple):
 
 
 @functools.cache
-def programs(model_spec: tuple, norm_kw: tuple, mesh: Mesh) -> Programs:
+def programs(model_spec: tuple, norm_kw: tuple, mesh: Mesh, replica_axis: str = "vmap") -> Programs:
     """The jitted evaluation programs on a 1-D ``replica`` mesh, cached by their arguments (plain data).
 
     Args:
       model_spec: arguments of ``jaxnorm.models.get_model`` (name, input_shape, num_classes, size, conv_impl).
       norm_kw: sorted (name, value) options of ``jaxnorm.norms.evaluate``.
       mesh: the mesh.
+      replica_axis: how the test/train metrics run over a device's replicas, as the engine's training does:
+        "vmap" (one batched model: accelerators) or "map" (``lax.map``, the unbatched model one replica after
+        another: XLA:CPU, where a vmapped conv net becomes slow grouped convolutions; in a LeNet-5 sweep on
+        2 CPU devices the vmapped metrics took as long as the training itself). The norms are always vmapped.
     """
     model = models_lib.get_model(*model_spec[:3], size=model_spec[3], conv_impl=model_spec[4])
     trace_count = collections.Counter()
@@ -120,13 +125,24 @@ def programs(model_spec: tuple, norm_kw: tuple, mesh: Mesh) -> Programs:
         trace_count["norms"] += 1
         return jax.vmap(norms)(variables, state)
 
+    if replica_axis == "map":
+        def over_replicas(f, variables, *per_replica, shared=()):
+            return lax.map(lambda a: f(a[0], *shared, *a[1:]), (variables, *per_replica))
+    else:
+        def over_replicas(f, variables, *per_replica, shared=()):
+            return jax.vmap(lambda v, *rest: f(v, *shared, *rest))(variables, *per_replica)
+
     def test(variables, x, y, mask):
         trace_count["eval_test"] += 1
-        return jax.vmap(metrics, in_axes=(0, None, None, None))(variables, x, y, mask)
+        return over_replicas(metrics, variables, shared=(x, y, mask))
 
     def train(variables, x_train, y_train, idx, mask):
         trace_count["eval_train"] += 1
-        return jax.vmap(metrics)(variables, jnp.take(x_train, idx, axis=0), jnp.take(y_train, idx, axis=0), mask)
+
+        def one(v, i, m):
+            return metrics(v, jnp.take(x_train, i, axis=0), jnp.take(y_train, i, axis=0), m)
+
+        return over_replicas(one, variables, idx, mask)
 
     jit = functools.partial(jax.jit, out_shardings=sharded)
     return Programs(
@@ -152,14 +168,15 @@ class Evaluator:
         of the test split drawn with numpy seed 0).
       train_eval_max: 0 = train loss/error on the replica's whole subset; n: on its first n examples.
       norm_kw: options of ``jaxnorm.norms.evaluate``.
+      replica_axis: "vmap" or "map": the metrics over a device's replicas (:func:`programs`).
     """
 
     def __init__(self, model_spec: tuple, mesh: Mesh, x_test, y_test, x_train, y_train, *, eval_batch: int,
-                 test_subset: int, train_eval_max: int, norm_kw: dict):
+                 test_subset: int, train_eval_max: int, norm_kw: dict, replica_axis: str = "vmap"):
         self.mesh, self.n_dev = mesh, mesh.devices.size
         self.x_train, self.y_train = x_train, y_train
         self.train_eval_max = train_eval_max
-        self.p = programs(tuple(model_spec), tuple(sorted(norm_kw.items())), mesh)
+        self.p = programs(tuple(model_spec), tuple(sorted(norm_kw.items())), mesh, replica_axis)
         # Wall seconds spent in the norm evaluation and in the test/train metrics (host included), summed
         # over calls: the engine reports them (cost of norm logging against training; issue 11).
         self.seconds = {"norms": 0.0, "metrics": 0.0}

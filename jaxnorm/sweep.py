@@ -24,10 +24,13 @@ dispatch, scan unroll, eval batch, checkpoint interval, data dir) may change bet
 
 CPU devices: ``--cpu-devices N`` splits the host into N XLA CPU devices before JAX starts
 (``--xla_force_host_platform_device_count``; not when ``XLA_FLAGS`` already sets it), so the engine
-shards its replicas over them. Off by default: on the 2-core reference machine 2 devices trained
-LeNet-5 replicas 0.95x (R = 4) to 1.10x (R = 16) as fast as one 2-thread device
-(bench/bench_engine.py). (Multi-device runs used to abort or hang in an evaluation: see
-``jaxnorm.engine``, "Devices".)
+shards its replicas over them; at most one per job. The default, ``auto``, is one device per usable
+core, at most :data:`AUTO_CPU_DEVICES_MAX`: on the 2-core reference machine 2 devices trained R = 16
+replicas 1.32x (LeNet-5), 1.34x (ResNet-20) and 1.29x (ViT) as fast as one 2-thread device
+(bench/bench_engine.py, bench/engine.json); more than 2 cores is not measured. ``--cpu-devices 1`` is
+JAX's single CPU device. The flag does nothing to GPU/TPU runs. (Multi-device CPU runs used to abort
+in an all-gather or hang in a batched LAPACK call: see ``jaxnorm.engine``, "Devices", and
+``jaxnorm.norms._one_at_a_time_on_cpu``.)
 
 Many hosts: ``--distributed`` calls ``jax.distributed.initialize()`` before anything else: on Slurm
 and Cloud TPU it finds the coordinator, the process count and this process's id itself; elsewhere
@@ -99,8 +102,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--no-plot", action="store_true", help="do not write curves.png")
-    ap.add_argument("--cpu-devices", type=int,
-                    help="split the host into N XLA CPU devices (default: JAX's one CPU device)")
+    ap.add_argument("--cpu-devices", default="auto",
+                    help="split the host into N XLA CPU devices, at most one per job (default 'auto': one per "
+                         f"usable core, at most {AUTO_CPU_DEVICES_MAX}; 1: JAX's single CPU device)")
     ap.add_argument("--distributed", action="store_true",
                     help="multi-process run over jax.distributed (one process per host; see above)")
     ap.add_argument("--coordinator-address", help="with --distributed: HOST:PORT of process 0")
@@ -173,11 +177,34 @@ def plot(df, path: Path) -> list[str]:
 
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+AUTO_CPU_DEVICES_MAX = 8  # measured up to 2 (the reference machine); a cap until larger hosts are measured
 
 
-def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_cpu_devices(value: str) -> int | str:
+    """``--cpu-devices`` value: ``"auto"`` or an integer >= 1; ValueError naming the bad value otherwise."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--cpu-devices {value}; allowed: an integer >= 1 or 'auto'")
+    return n
+
+
+def set_cpu_devices(n: int | str | None, jobs: int | None = None) -> int | None:
     """Splits the host into ``n`` XLA CPU devices, at most ``jobs`` (a device without a replica would
-    only idle and pad the slot array); ``n = None`` leaves JAX's default (one CPU device).
+    only idle and pad the slot array); ``n = None`` leaves JAX's default (one CPU device); ``"auto"``:
+    :func:`usable_cores`, at most :data:`AUTO_CPU_DEVICES_MAX`.
 
     Must run before JAX initialises its backends; returns the count set, or None when it was left
     alone (``n`` is None, ``XLA_FLAGS`` already sets it, or JAX's backends are already up, e.g. in a
@@ -185,8 +212,9 @@ def set_cpu_devices(n: int | None, jobs: int | None = None) -> int | None:
     """
     if n is None:
         return None
-    if n < 1:
-        raise ValueError(f"--cpu-devices {n}; allowed: an integer >= 1")
+    n = parse_cpu_devices(n)
+    if n == "auto":
+        n = min(usable_cores(), AUTO_CPU_DEVICES_MAX)
     if CPU_DEVICES_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
     if "jax" in sys.modules:  # XLA_FLAGS is read when the backends start, not at import

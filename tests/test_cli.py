@@ -320,7 +320,7 @@ def test_analyze_writes_norm_collapse_and_the_runs_engine_summary(tmp_path, caps
     df["zoo/frobenius"] = 2.0 * df["spectral_complexity"]  # collapses exactly as lambda does
     df["zoo/by_P"] = df["spectral_complexity"] * df["P"] ** 2  # shifted by 2 decades per decade of P
     df.to_csv(tmp_path / "results.csv", index=False)
-    engine_summary = {"wall_time": 123.4, "seconds": {"train": 100.0, "eval_norms": 5.0}, "train_images_per_s": 999.0}
+    engine_summary = {"wall_time": 123.4, "seconds_by_part": {"train": 100.0, "eval_norms": 5.0}, "train_images_per_s": 999.0}
     (tmp_path / "summary.json").write_text(json.dumps(engine_summary))
     out = tmp_path / "analysis"
     assert analyze.main([str(tmp_path), "--out", str(out), "--no-figures"]) == 0

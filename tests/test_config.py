@@ -166,19 +166,24 @@ def test_cli_rejects_bad_arguments_with_a_clear_message(capsys):
     assert "invalid choice: 'svhn'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep.main(["--arch", "cnn", "--dataset", "mnist", "--cpu-devices", "0"])
-    assert "--cpu-devices 0; allowed: an integer >= 1" in capsys.readouterr().err
+    assert "--cpu-devices 0; allowed: an integer >= 1 or 'auto'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--arch", "cnn", "--dataset", "mnist", "--cpu-devices", "many"])
+    assert "--cpu-devices many; allowed: an integer >= 1 or 'auto'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sweep.main(["--arch", "resnet", "--dataset", "mnist", "--conv-impl", "phase"])
     assert "conv_impl='phase' is for arch 'cnn' only" in capsys.readouterr().err
 
 
 def test_cpu_devices_split_the_host_before_jax_starts():
-    # In a fresh interpreter: N devices when asked (at most one per job), JAX's one device by
-    # default, and XLA_FLAGS wins.
+    # In a fresh interpreter: N devices when asked (at most one per job), one per usable core for "auto"
+    # (the CLI default), JAX's one device for None, and XLA_FLAGS wins.
     code = ("import sys; from jaxnorm import sweep; n = sweep.set_cpu_devices({arg}); import jax; "
             "print(n, jax.device_count(), sweep.set_cpu_devices(5))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    for arg, want in (("None", "None 1 None"), ("3", "3 3 None"), ("3, jobs=2", "2 2 None")):
+    auto = min(sweep.usable_cores(), sweep.AUTO_CPU_DEVICES_MAX)
+    for arg, want in (("None", "None 1 None"), ("3", "3 3 None"), ("3, jobs=2", "2 2 None"),
+                      ("'auto'", f"{auto} {auto} None"), ("'auto', jobs=1", "1 1 None")):
         out = subprocess.run([sys.executable, "-c", code.format(arg=arg)], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -187,7 +192,7 @@ def test_cpu_devices_split_the_host_before_jax_starts():
     out = subprocess.run([sys.executable, "-c", code.format(arg="2")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["None", "4", "None"], out.stderr[-2000:]
-    with pytest.raises(ValueError, match="--cpu-devices 0; allowed: an integer >= 1"):
+    with pytest.raises(ValueError, match="--cpu-devices 0; allowed: an integer >= 1 or 'auto'"):
         sweep.set_cpu_devices(0)
 
 

@@ -216,7 +216,7 @@ def test_simulated_schedule_is_the_trained_one(base_run):
 
 def test_summary_times_training_norms_and_metrics(base_run):
     _, summary = base_run
-    sec = summary["seconds"]
+    sec = summary["seconds_by_part"]
     assert set(sec) == set(engine.SECONDS)
     assert sec["train"] > 0 and sec["eval_norms"] > 0 and sec["eval_metrics"] > 0
     assert sum(sec.values()) <= summary["wall_time"] + 0.1  # disjoint parts of the run's wall time
@@ -229,11 +229,11 @@ def test_summary_times_training_norms_and_metrics(base_run):
 def test_resumed_summary_adds_the_earlier_segments_seconds(two_ckpt_run, ds, tmp_path):
     run_dir, _ = _copy_run(two_ckpt_run, tmp_path / "run")
     meta = json.loads((run_dir / "checkpoints" / "2" / "meta.json").read_text())
-    before = meta["seconds"]
+    before = meta["seconds_by_part"]
     assert before["train"] > 0 and before["eval_norms"] > 0
     summary = engine.run(cfg_of(**TWO_CKPT), run_dir, quiet=True, dataset=ds)
     for k, v in before.items():
-        assert summary["seconds"][k] >= round(v, 2) - 0.01, k
+        assert summary["seconds_by_part"][k] >= round(v, 2) - 0.01, k
 
 
 def test_rerun_of_finished_sweep_is_noop(base_run, ds):
