@@ -122,6 +122,44 @@ def test_detect_elbow_skips_the_initial_plateau():
     assert flat["slope"] > -0.6
 
 
+def test_gamma1_leaves_out_the_lazy_start_of_training():
+    # Sampled by optimizer step, a curve starts with the error falling at an almost fixed norm (lambda 12 -> 13
+    # while eps 0.9 -> 0.6: a log-log slope of ~5), then follows Eq. 3, eps = 6 lambda^-0.5, to a minimum. The
+    # early window of every P is the power law, not the lazy stretch, when the curve holds its initialization.
+    import pandas as pd
+
+    curves = {}
+    for P, lam_min in ((1000, 400.0), (2000, 700.0), (4000, 1200.0)):
+        lazy = np.linspace(12.0, 13.0, 8)
+        lam = np.concatenate([lazy, np.geomspace(14.0, 3 * lam_min, 30)])
+        law = 6.0 * lam ** -0.5
+        eps = np.where(lam <= 13.0, 0.9 - (0.9 - 6.0 * 14.0 ** -0.5 - 0.05) * (lam - 12.0), law)
+        eps = eps * (1 + 0.4 * np.log(np.maximum(lam / lam_min, 1)) ** 2)  # the overfitting branch
+        curves[P] = pd.DataFrame({"epoch": np.arange(lam.size), "lam": lam, "eps": eps})
+    g1, _ = A.fit_gamma1(curves, [1000, 2000, 4000])
+    assert g1.value == pytest.approx(0.5, abs=0.02)
+    assert all(w["lambda_start"] >= 2 * 12.0 for w in g1.detail["per_P"])
+    # Without the initialization point the rule cannot apply (the lazy stretch stays in the search).
+    shifted = {P: c.assign(epoch=c["epoch"] + 1) for P, c in curves.items()}
+    g1_blind, _ = A.fit_gamma1(shifted, [1000, 2000, 4000])
+    assert min(w["lambda_start"] for w in g1_blind.detail["per_P"]) < 2 * 12.0
+
+
+def test_saturation_tells_a_flat_end_from_a_falling_one():
+    epoch = np.geomspace(0.05, 200, 40)
+    rng = np.random.default_rng(1)
+    sem = np.full(epoch.size, 0.002)
+    noise = sem * rng.standard_normal(epoch.size)
+    flat = np.maximum(0.5 * epoch ** -0.4, 0.13) + noise  # saturates at 0.13 from epoch ~10
+    s = A.saturation(epoch, flat, sem)
+    assert s["saturated"] is True and abs(s["tail_slope"]) < 3 * s["sigma_tail_slope"]
+    assert s["tail_points"] == 10 and s["tail_from_epoch"] == pytest.approx(epoch[-10])
+    falling = 0.3 - 0.01 * np.log(epoch) + noise  # still falling by 0.01 per e-fold of training
+    s = A.saturation(epoch, falling, sem)
+    assert s["saturated"] is False and s["tail_slope"] == pytest.approx(-0.01, abs=0.004)
+    assert A.saturation(epoch[:3], flat[:3])["saturated"] is None  # too few points to tell
+
+
 def test_detect_elbow_needs_points_before_minimum():
     lam = np.geomspace(1, 10, 20)
     with pytest.raises(ValueError, match="before the minimum"):
@@ -486,6 +524,12 @@ def test_predict_held_out_P():
     for r in h["per_P"]:
         assert r["bracketed"]
         assert abs(r["z_lambda"]) < 3 and abs(r["z_eps"]) < 3
+    # The end-of-training law predicts the held-out eps_end too (measured: the last point of each mean curve).
+    curves = A.mean_curves(A.clean(df))
+    assert [r["P"] for r in h["eps_end"]["per_P"]] == sorted(df["P"].unique())[-2:]
+    for r in h["eps_end"]["per_P"]:
+        assert r["eps_end"] == pytest.approx(curves[r["P"]].sort_values("epoch")["eps"].iloc[-1])
+        assert abs(r["z"]) < 3
     s = _analyze(df)
     p = A.predict(s, 1e6)
     # Extrapolation: the band widens away from the fitted P.

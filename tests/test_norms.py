@@ -744,6 +744,15 @@ def test_compare_norms_ranks_a_collapsing_norm_first():
     assert out.set_index("column").loc["epoch", "spread_mean"] > 0.01
     with pytest.raises(ValueError, match="zoo/nope"):
         analysis.compare_norms(pd.DataFrame(rows), ["zoo/nope"])
+    # Columns whose curves overlap over fewer than min_overlap decades rank after the others, however small their
+    # spread on that sliver: here lambda's early phases overlap over 0.32 decades, epoch's over 0.78.
+    r = out.set_index("column")
+    assert r.loc["spectral_complexity", "overlap_decades"] == pytest.approx(0.32, abs=0.01)
+    assert r["thin_overlap"].to_dict() == {"zoo/good": False, "spectral_complexity": False, "epoch": False,
+                                           "zoo/bad": True}  # the default min_overlap, 0.2 decades
+    strict = analysis.compare_norms(pd.DataFrame(rows), min_overlap=0.5).set_index("column")
+    assert strict.loc["spectral_complexity", "thin_overlap"] and not strict.loc["epoch", "thin_overlap"]
+    assert strict.loc["epoch", "rank"] == 1 and strict.loc["spectral_complexity", "rank"] > 1
 
 
 def test_operator_names_are_the_keys_of_parts():
