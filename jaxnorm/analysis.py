@@ -206,7 +206,7 @@ def load_mean_curves(path: str) -> pd.DataFrame:
 
     The CSV has columns ``P, spectral_complexity`` and ``mean_test_error`` (or ``test_error``).
     Each row becomes (P, seed=0, epoch=grid index, spectral_complexity, test_error): the grid index
-    is the rank of lambda in the union of all P's grid values, so the rows of one P keep their
+    is the 1-based rank of lambda in the union of all P's grid values, so the rows of one P keep their
     order. Missing grid points (outside a seed's range) are simply absent.
 
     Raises:
@@ -224,7 +224,9 @@ def load_mean_curves(path: str) -> pd.DataFrame:
                          "mean_test_error")
     raw = raw.dropna(subset=["spectral_complexity", err])
     grid = np.unique(np.round(np.log(raw["spectral_complexity"].to_numpy(float)), 9))
-    epoch = np.searchsorted(grid, np.round(np.log(raw["spectral_complexity"].to_numpy(float)), 9))
+    # 1-based: epoch 0 means the initialization in jaxnorm's results (the lazy-start rule keys on it), and these
+    # curves do not hold it (the authors log from epoch 1).
+    epoch = 1 + np.searchsorted(grid, np.round(np.log(raw["spectral_complexity"].to_numpy(float)), 9))
     return pd.DataFrame({"P": raw["P"].astype(int).to_numpy(), "seed": 0, "epoch": epoch,
                          "spectral_complexity": raw["spectral_complexity"].to_numpy(float),
                          "test_error": raw[err].to_numpy(float)})
