@@ -90,7 +90,8 @@ class SweepConfig:
       replicas_per_device: replica slots per device; 0 = automatic.
       steps_per_dispatch: train steps per device call (a lax.scan); 0 = automatic per backend.
       scan_unroll: unroll factor of that scan; 0 = automatic (1: rolled, fastest on CPU and accelerators).
-      eval_batch: examples per evaluation call.
+      eval_batch: examples per evaluation call; 0 = the backend's default
+        (``jaxnorm.engine.default_eval_batch``: 250 on the CPU, 1000 on accelerators).
       checkpoint_minutes, checkpoint_epochs: checkpoint when either interval has elapsed
         (epochs counted by the longest-running replica); 0 disables that trigger.
       data_dir: where jaxnorm.data finds the datasets ("" = its default).
@@ -142,7 +143,7 @@ class SweepConfig:
     replicas_per_device: int = 0
     steps_per_dispatch: int = 0
     scan_unroll: int = 0
-    eval_batch: int = 1000
+    eval_batch: int = 0
     checkpoint_minutes: float = 10.0
     checkpoint_epochs: int = 0
     data_dir: str = ""
@@ -360,12 +361,11 @@ def validate(cfg: SweepConfig) -> None:
     _check_choice("dense_method", cfg.dense_method, ("svd", "power"))
     if not cfg.norm_tol > 0:
         raise ValueError(f"norm_tol={cfg.norm_tol!r}; allowed: > 0")
-    positive = ("seeds", "epochs", "batch_size", "eval_every", "eval_points", "norm_max_iters",
-                "eval_batch")
+    positive = ("seeds", "epochs", "batch_size", "eval_every", "eval_points", "norm_max_iters")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)!r}; allowed: an integer >= 1")
-    for key in ("scan_unroll", "test_subset", "train_eval_max", "replicas_per_device", "steps_per_dispatch",
+    for key in ("scan_unroll", "eval_batch", "test_subset", "train_eval_max", "replicas_per_device", "steps_per_dispatch",
                 "checkpoint_epochs", "sweep_seed", "seed_start"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)!r}; allowed: an integer >= 0")

@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas-per-device", type=int, help="replica slots per device (0 = auto)")
     ap.add_argument("--steps-per-dispatch", type=int, help="train steps per device call (0 = auto)")
     ap.add_argument("--scan-unroll", type=int)
-    ap.add_argument("--eval-batch", type=int)
+    ap.add_argument("--eval-batch", type=int, help="examples per evaluation call (0 = the backend default: 250 on CPU, 1000 on accelerators)")
     ap.add_argument("--conv-impl", choices=config_lib.CONV_IMPLS)
     ap.add_argument("--checkpoint-minutes", type=float)
     ap.add_argument("--checkpoint-epochs", type=int)

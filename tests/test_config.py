@@ -72,6 +72,8 @@ def test_unknown_key_names_the_allowed_ones():
     ({"margin_epochs": [600]}, r"margin_epochs \[600\] exceed epochs=500"),
     ({"lr_overrides": [{"P": 7, "seed": 0, "lr": 1.0}]}, r"not a replica of this sweep"),
     ({"conv_impl": "fft"}, r"allowed: auto, xla, canonical, patches, im2col"),
+    ({"eval_batch": -1}, r"eval_batch=-1; allowed: an integer >= 0"),
+    ({"norm_conv_bound": "tight"}, r"norm_conv_bound='tight'; allowed: auto, exact, circulant"),
 ])
 def test_bad_values_name_the_allowed_ones(bad, match):
     with pytest.raises(ValueError, match=match):
