@@ -421,7 +421,7 @@ class Engine:
         self.ckpt_count = meta["count"]
         # Time already spent by the earlier segments (checkpoints written before this field: zeros).
         self.seconds = {k: float(meta.get("seconds_by_part", {}).get(k, 0.0)) for k in SECONDS}
-        self.evaluator.seconds = {"norms": self.seconds["eval_norms"], "metrics": self.seconds["eval_metrics"]}
+        self.evaluator.seconds = {k: self.seconds[k] for k in self.evaluator.seconds}
         host = ckpt_lib.restore_state(self.ckpt_dir, step, self.p.abstract(meta["n_slots"]))
         return jax.device_put(ckpt_lib.pad_slots(host, R), self.sharded), meta["wall_time"]
 
@@ -456,7 +456,7 @@ class Engine:
         self.results = results_lib.Writer(self.results_path, results_lib.columns(self.layer_names, zoo=self.cfg.norm_zoo))
         self.ckpt_count, wall0 = 0, 0.0
         self.seconds = dict.fromkeys(SECONDS, 0.0)
-        self.evaluator.seconds = {"norms": 0.0, "metrics": 0.0}
+        self.evaluator.seconds = dict.fromkeys(self.evaluator.seconds, 0.0)
         if resume is not None:
             states, wall0 = self._restore(*resume)
         else:
@@ -525,8 +525,7 @@ class Engine:
 
     def _seconds(self) -> dict:
         """Wall seconds per activity, summed over every segment of the run (resumes included)."""
-        ev = self.evaluator.seconds
-        return {**getattr(self, "seconds", dict.fromkeys(SECONDS, 0.0)), "eval_norms": ev["norms"], "eval_metrics": ev["metrics"]}
+        return {**self.seconds, **self.evaluator.seconds}  # the evaluator times its own two parts
 
     def summary(self, wall_time: float) -> dict:
         """The run's ``summary.json``: scheduling figures, engine settings and the time it took.

@@ -179,7 +179,7 @@ class Evaluator:
         self.p = programs(tuple(model_spec), tuple(sorted(norm_kw.items())), mesh, replica_axis)
         # Wall seconds spent in the norm evaluation and in the test/train metrics (host included), summed
         # over calls: the engine reports them (cost of norm logging against training; issue 11).
-        self.seconds = {"norms": 0.0, "metrics": 0.0}
+        self.seconds = {"eval_norms": 0.0, "eval_metrics": 0.0}
         self.sharded, self.repl = NamedSharding(mesh, PartitionSpec(AXIS)), NamedSharding(mesh, PartitionSpec())
         n = len(x_test)
         sel = (np.random.Generator(np.random.PCG64(0)).permutation(n)[:test_subset]
@@ -232,7 +232,7 @@ class Evaluator:
         # compute-bound on the same devices) and buys a separate time for each.
         jax.block_until_ready((nres.total, states))
         t1 = time.perf_counter()
-        self.seconds["norms"] += t1 - t0
+        self.seconds["eval_norms"] += t1 - t0
         test = [self.p.test(sub.variables, x, y, m) for x, y, m in self.test_chunks]
         # Train loss/error on each slot's subset (its first train_eval_max examples when set).
         n = len(where)
@@ -264,7 +264,7 @@ class Evaluator:
         layers = {name: {k: host(v)[pos] for k, v in d.items()} for name, d in nres.parts.items()}
         scalars = {"spectral_complexity_upper": nres.total_upper, "norm_max_gap": nres.max_gap,
                    "norm_unconverged": nres.unconverged, **{f"zoo/{k}": v for k, v in nres.zoo.items()}}
-        self.seconds["metrics"] += time.perf_counter() - t1
+        self.seconds["eval_metrics"] += time.perf_counter() - t1
         return states, EvalResult(t_loss[pos] / self.n_test, t_err[pos] / self.n_test, tr_loss[pos] / n_tr[pos],
                                   tr_err[pos] / n_tr[pos], host(nres.total)[pos], layers,
                                   {k: host(v)[pos] for k, v in scalars.items()}, margins)
