@@ -843,14 +843,19 @@ h = jax.jit(jax.shard_map(jax.vmap(lambda k: norms._matrix_norms([k])[0]), mesh=
                           out_specs=P("r"), check_vma=False))
 dense = np.asarray(h(put(mats)))
 ok = np.allclose(dense, [np.linalg.svd(m, compute_uv=False)[0] for m in mats], rtol=1e-4)
-print(int(above.sum()), int(below.sum()), int(ok))
+# The Lanczos cycles' small eigh (16 x 16 tridiagonal per replica), batched the same way.
+g = jax.jit(jax.shard_map(jax.vmap(lambda k: norms.conv_operator_norm(k, shape, 1, "SAME", tol=1e-6)), mesh=mesh,
+                          in_specs=P("r"), out_specs=P("r"), check_vma=False))
+lanczos = np.allclose(np.asarray(g(put(kernels))), truth, rtol=1e-4)
+print(int(above.sum()), int(below.sum()), int(ok), int(lanczos))
 """
 
 
 def test_lapack_norms_batched_on_two_cpu_devices_do_not_hang(tmp_path):
     # jaxlib's batched CPU Cholesky splits its batch over XLA's intra-op pool and, in a program of one of
     # several XLA CPU devices, waits forever for the parts (the engine's exact-bound sweeps on --cpu-devices 2
-    # hung in their first evaluation). conv_bound_holds and the dense eigvalsh map over the batch on the CPU.
+    # hung in their first evaluation). conv_bound_holds, the dense eigvalsh and the Lanczos cycles' eigh map over
+    # the batch on the CPU.
     import subprocess
     import sys
     from pathlib import Path
@@ -862,4 +867,54 @@ def test_lapack_norms_batched_on_two_cpu_devices_do_not_hang(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     # Every bound 0.1% above the SVD value holds, every one below fails; the dense norms equal numpy's SVD.
-    assert done.stdout.split() == ["8", "0", "1"]
+    assert done.stdout.split() == ["8", "0", "1", "1"]
+
+
+def _clustered_matrix(rng, top2=(1.0, 0.999)):
+    """A 60 x 40 matrix with singular values top2, then 38 spread over [0.01, 0.9]: a cluster at the top."""
+    u, _ = np.linalg.qr(rng.normal(size=(60, 60)))
+    w, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    s = np.concatenate([top2, np.linspace(0.9, 0.01, 38)])
+    return jnp.asarray((u[:, :40] * s) @ w.T)
+
+
+def test_krylov_cycles_converge_where_power_iteration_crawls(x64):
+    # sigma_2 / sigma_1 = 0.999: power iteration's error in the top direction falls like 0.998 per product
+    # (0.998^340 = 0.5); a 16-step Lanczos cycle's like a Chebyshev polynomial (a factor ~2.2 per 17 products).
+    rng = np.random.default_rng(21)
+    a = _clustered_matrix(rng)
+    v0 = jnp.asarray(rng.normal(size=40))
+
+    def run(k):
+        return norms._power_iteration(lambda x: a @ x, lambda y: a.T @ y, v0, min_iters=2, max_iters=340,
+                                      tol=1e-12, change_tol=0.0, krylov=k)
+
+    power, lanczos = run(0), run(16)
+    assert int(power[2]) == 340 and int(lanczos[2]) <= 340  # Lanczos stops when a cycle changes nothing
+    assert 1 - float(power[0]) > 1e-5  # still far: the top pair is not resolved
+    assert -1e-14 <= 1 - float(lanczos[0]) < 1e-10  # a lower bound (to rounding), converged
+    assert abs(float(jnp.vdot(lanczos[1], jnp.linalg.svd(a)[2][0]))) > 1 - 1e-6  # the top right singular vector
+
+
+def test_krylov_breakdown_on_a_low_rank_map_is_exact(x64):
+    # A rank-1 map: the Krylov space of A^T A is span{v, y} and the third Lanczos vector breaks down (its
+    # residual is rounding). The zeroed basis must not produce NaN, and the top pair is exact.
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=30), rng.normal(size=20)
+    a = jnp.asarray(np.outer(x, y))
+    sigma, v, iters, _, _ = norms._power_iteration(lambda z: a @ z, lambda z: a.T @ z, jnp.asarray(rng.normal(size=20)),
+                                                   min_iters=2, max_iters=100, tol=1e-12, krylov=8)
+    assert rel(float(sigma), np.linalg.norm(x) * np.linalg.norm(y)) < 1e-12
+    assert abs(float(jnp.vdot(v, y / np.linalg.norm(y)))) > 1 - 1e-12
+    assert np.all(np.isfinite(np.asarray(v)))
+
+
+def test_krylov_option_is_validated_and_optional(x64):
+    kernel = jnp.asarray(np.random.default_rng(23).normal(size=(3, 3, 2, 3)))
+    truth = sigma_max(unrolled_conv(kernel, (6, 6, 2), 1, "SAME"))
+    for k in (0, 2, 16):  # every cycle length, and plain power iteration, reach the same norm
+        assert rel(float(norms.conv_operator_norm(kernel, (6, 6, 2), tol=1e-12, max_iters=20000, krylov=k)),
+                   truth) < 1e-9
+    for bad in (1, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"krylov=.*expected 0 \(plain power iteration\) or an integer >= 2"):
+            norms.conv_operator_norm(kernel, (6, 6, 2), krylov=bad)
