@@ -128,15 +128,16 @@ endpoints are R_A at the lower and at the upper norms).
   ``krylov = 0`` is plain power iteration. Why: plain power iteration converges like ``(sigma_2 /
   sigma_1)^(2 i)``, slowly for trained kernels whose top singular values cluster; with the exact test every
   premature test is a wasted block Cholesky, and with the circulant bound the power iteration stops on a
-  small change far below the norm. Measured on paper-size models on 28x28x1 inputs after 16 (ResNet-20) or
-  64 (LeNet-5) Adam steps: LeNet, exact bound, tol 1e-5: 232 / 40 products with A for conv1 / conv2 cold, 80 /
-  8 warm, against 36 / 27 and 18 / 18 with k = 8 (k = 16: 68 / 34, 34 / 34); ResNet-20, exact bound, tol
-  1e-3: cold evaluation 106 s -> 42 s (78-376 products per conv -> 27-63: fewer failed tests); circulant
-  bound, tol 1e-3: the power iteration's R_A read 4.55e9 cold and 7.32e9 after 16 more steps, 25% and 19%
-  below the exact runs' 6.04e9 and 9.09e9 (its change rule stops early), Lanczos 6.03e9 and 9.09e9 at the
-  same cost (0.67 vs 0.64 s warm).
+  small change far below the norm. Measured (``bench/bench_conv_bound.py --input-shape 28 28 1``: paper-size
+  models, Adam steps on random data, then as many again): LeNet-5 (``--steps 64 --tol 1e-5``), products with
+  A for conv1 / conv2: plain power iteration 232 / 40 cold, 62 / 8 warm; k = 8: 36 / 27 and 18 / 18; k = 16:
+  68 / 34 and 34 / 34. ResNet-20 (``--steps 16 --tol 1e-3``), exact bound: cold evaluation 106 s -> 42 s
+  (78-376 products per conv -> 27-63: fewer failed tests); circulant bound: the power iteration's R_A read
+  4.55e9 cold and 7.32e9 after 16 more steps, 25% and 19% below the exact runs' 6.04e9 and 9.09e9 (its change
+  rule stops early), Lanczos 6.03e9 and 9.09e9 at the same cost (0.67 vs 0.64 s warm).
 * Stopping rule: at least ``min_iters`` iterations, at most ``max_iters`` (both in products with A; a Lanczos
-  cycle is k + 1 of them and starts only if it fits). Convs with ``conv_bound="exact"``:
+  cycle is k + 1 of them and starts only if it fits; its relative change is measured from its start vector's
+  ``||A v||``). Convs with ``conv_bound="exact"``:
   iterate until the relative change is ``<= tol / 4``, then test ``gamma = (1 + tol) spec``; if the test fails
   (spec is then more than tol below the norm, however little it changes per step), double the iterations and
   test again; stop at the first success (``spec_upper = (1 + tol) spec``: certified relative gap tol). Other
