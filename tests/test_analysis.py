@@ -145,6 +145,28 @@ def test_gamma1_leaves_out_the_lazy_start_of_training():
     assert min(w["lambda_start"] for w in g1_blind.detail["per_P"]) < 2 * 12.0
 
 
+def test_gamma1_starts_where_a_falling_lambda_starts_to_grow():
+    # A ResNet with folded BatchNorm: R_A first falls 10x while the running statistics warm up (the error falls
+    # meanwhile, 0.9 -> 0.45), then grows along Eq. 3, eps = 6 lambda^-0.5 from lambda = 40 (2x its minimum 20).
+    # Sorted by lambda, the falling stretch (eps 0.45-0.9 at lambda 20-200) would sit on top of the growing one.
+    import pandas as pd
+
+    curves = {}
+    for P, lam_min in ((1000, 400.0), (2000, 700.0), (4000, 1200.0)):
+        down = np.geomspace(200.0, 21.0, 10)
+        flat = np.linspace(20.0, 39.0, 5)
+        up = np.geomspace(40.0, 3 * lam_min, 30)
+        lam = np.concatenate([down, flat, up])
+        eps = np.concatenate([np.linspace(0.9, 0.5, 10), np.linspace(0.5, 6.0 * 40.0 ** -0.5, 5), 6.0 * up ** -0.5])
+        eps = eps * (1 + 0.4 * np.log(np.maximum(lam / lam_min, 1)) ** 2)
+        curves[P] = pd.DataFrame({"epoch": np.arange(lam.size) * 0.5, "lam": lam, "eps": eps})
+    log = []
+    g1, _ = A.fit_gamma1(curves, [1000, 2000, 4000], log=log)
+    assert g1.value == pytest.approx(0.5, abs=0.02)
+    assert all(w["lambda_start"] >= 40.0 * (1 - 1e-9) for w in g1.detail["per_P"])
+    assert any("before it grows" in m for m in log)
+
+
 def test_saturation_tells_a_flat_end_from_a_falling_one():
     epoch = np.geomspace(0.05, 200, 40)
     rng = np.random.default_rng(1)
