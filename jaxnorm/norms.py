@@ -320,7 +320,14 @@ def _safe_div(a, b):
 
 
 def _eigh(t):
+    # A plain function for custom_vmap: jnp.linalg.eigh itself is a jit with static arguments, which
+    # custom_vmap cannot trace through ("Non-hashable static arguments").
     return jnp.linalg.eigh(t)
+
+
+def _products_per_iteration(krylov: int) -> int:
+    """Products with A per iteration of :func:`_power_iteration`: 1, or k + 1 with a k-step Lanczos cycle."""
+    return 1 if krylov <= 1 else krylov + 1
 
 
 def _top_ritz_vector(gram, v, k):
@@ -398,7 +405,7 @@ def _power_iteration(matvec, rmatvec, v0, *, min_iters, max_iters, tol, upper=No
     dtype = v0.dtype
     upper = jnp.asarray(jnp.inf if upper is None else upper, dtype)
 
-    step = 1 if krylov <= 1 else krylov + 1
+    step = _products_per_iteration(krylov)
 
     def body(carry):
         i, v, sigma, _, stop, change_tol, up = carry
@@ -1068,8 +1075,7 @@ def _dense_reading(layer, kernel, v, definition, dense_method, pi_kw, gram_iters
 
 def _exhausted(iters, pi_kw):
     """No further iteration of :func:`_power_iteration` fits in ``max_iters`` (a Krylov cycle takes k + 1)."""
-    k = pi_kw.get("krylov", 0)
-    return iters + (1 if k <= 1 else k + 1) > pi_kw["max_iters"]
+    return iters + _products_per_iteration(pi_kw.get("krylov", 0)) > pi_kw["max_iters"]
 
 
 def _conv_geometry(layer, kernel):
