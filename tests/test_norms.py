@@ -909,6 +909,30 @@ def test_krylov_breakdown_on_a_low_rank_map_is_exact(x64):
     assert np.all(np.isfinite(np.asarray(v)))
 
 
+def test_failed_exact_test_restarts_from_a_vector_that_misses_the_top_direction(x64):
+    # The warm-start failure: the start vector is exactly a singular vector of a lower singular value (the
+    # previous top vector after the weights moved). Its Krylov space is that one direction, so power iteration
+    # and Lanczos both return sigma_2 with no change per step. The exact test at (1 + tol) sigma_2 then fails;
+    # the next round must restart with a random component and certify sigma_1.
+    # A diagonal map and a basis vector keep every product exactly on that direction (a rotated one would
+    # leak rounding-level components that power iteration amplifies).
+    s = np.concatenate([[3.0, 2.0], np.linspace(1.0, 0.1, 18)])
+    a = jnp.asarray(np.diag(s))
+    w = np.eye(20)
+    v0 = jnp.asarray(w[:, 1])  # the right singular vector of sigma_2 = 2
+
+    def certify(gamma):  # ||A|| < gamma, exactly
+        return gamma > 3.0
+
+    for k in (0, 8):
+        sigma, v, iters, _, upper = norms._power_iteration(
+            lambda z: a @ z, lambda z: a.T @ z, v0, min_iters=2, max_iters=2000, tol=1e-6, certify=certify, krylov=k)
+        assert 3.0 / (1 + 1e-6) <= float(sigma) <= 3.0 * (1 + 1e-12), (k, float(sigma))
+        assert 3.0 < float(upper) <= (1 + 1e-6) * float(sigma)  # certified, within tol
+        assert abs(float(jnp.vdot(v, w[:, 0]))) > 1 - 1e-6
+        assert int(iters) < 2000
+
+
 def test_krylov_option_is_validated_and_optional(x64):
     kernel = jnp.asarray(np.random.default_rng(23).normal(size=(3, 3, 2, 3)))
     truth = sigma_max(unrolled_conv(kernel, (6, 6, 2), 1, "SAME"))
