@@ -1963,7 +1963,7 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         sub = opt_P[opt_P["P"].isin(list(P_used))]
         if not sub["bracketed"].astype(bool).all():
             (out["gamma2"], out["gamma_opt"], out["gamma2_end_convention"],
-             out["gamma_opt_end_convention"]) = _censored_laws(sub)
+             out["gamma_opt_end_convention"], out["gamma2_onset"]) = _censored_laws(sub)
     out["gamma2_argmin"] = fit_gamma2(
         opt_P, P_used, column="lambda_argmin", require_bracketed=False, with_q=False,
         method="Appendix D definition: log-log line of the seed-mean curve's grid arg-min vs P")
@@ -1972,8 +1972,9 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
         method="authors' gamma2 input: log-log line of the mean over seeds of each seed's "
                "grid arg-min lambda vs P")
     for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention",
-              "gamma_opt_end_convention"):
-        out.setdefault(k, out["gamma2"] if k == "gamma2_bracketed" else
+              "gamma_opt_end_convention", "gamma2_onset"):
+        # Every minimum bracketed (or the authors' argmin): the conventions coincide with gamma2.
+        out.setdefault(k, out["gamma2"] if k in ("gamma2_bracketed", "gamma2_onset") else
                        out["gamma_opt"] if k.startswith("gamma_opt") else out["gamma2_argmin"])
     g1 = out["gamma1"]
     out["gamma_end"] = fit_gamma_eps(opt_P, P_used, "eps_end", alpha=alpha,
@@ -2037,6 +2038,9 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
                             "without_q1": [g1.value, g1.sigma]}})
     out["gamma_pred"] = product_exponent(out["gamma1"], out["gamma2"],
                                          "gamma1 * gamma2; sigma as Appendix D")
+    out["gamma_pred_onset"] = product_exponent(
+        out["gamma1"], out["gamma2_onset"],
+        "gamma1 * gamma2_onset (saturation-onset convention); sigma as Appendix D")
     gm = out["gamma_opt"] if out["gamma_opt"].determined else out["gamma_end"]
     on = "eps_opt" if out["gamma_opt"].determined else "eps_end"
     out["gamma_meas"] = dataclasses.replace(
@@ -2095,10 +2099,11 @@ def _t_scaled(e: Exponent) -> Exponent:
                                                              "sigma_unscaled": e.sigma})
 
 
-def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent, Exponent]:
-    """gamma2 and gamma_opt with the unbracketed minima as censored points, and the
+def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent, Exponent, Exponent]:
+    """gamma2 and gamma_opt with the unbracketed minima as censored points, the
     end-of-training convention fits of gamma2 and gamma_opt (the paper's: the lowest point taken
-    as the minimum, its lambda as lambda_opt and its error as eps_opt).
+    as the minimum, its lambda as lambda_opt and its error as eps_opt), and gamma2 in the
+    saturation-onset convention (:func:`_onset_law`).
 
     An unbracketed minimum bounds the optimum (training stopped while eps was falling or
     flat): lambda_opt(P) >= ``lambda_bound``, the first point whose error is within the
@@ -2146,13 +2151,47 @@ def _censored_laws(sub: pd.DataFrame) -> tuple[Exponent, Exponent, Exponent, Exp
                               "lambda_opt(P), the lowest point's lambda where the minimum is not "
                               "bracketed (a lower bound used as a value)",
                        detail={**det, "note": "unbracketed minima used as if they were minima"})
+    onset = _onset_law(sub, det)
     eps_low = np.where(br, sub["eps_opt"], sub["eps_argmin"]).astype(float)
     end_eps = fit_exponent(P, eps_low, sign=-1, with_q=False,
                            method="end-of-training convention for eps_opt(P): log-log line of "
                                   "eps_opt(P), the lowest error where the minimum is not "
                                   "bracketed (an upper bound used as a value)",
                            detail={**det, "note": "unbracketed minima used as if they were minima"})
-    return g2, go, end, end_eps
+    return g2, go, end, end_eps, onset
+
+
+ONSET_METHOD = ("saturation-onset convention: lambda_opt(P) = the vertex where the minimum is "
+                "bracketed, the first point within noise of the lowest (lambda_bound) where the "
+                "curve has provably saturated (optima.saturated); log-log line vs P, sigma "
+                "Student-t scaled")
+
+
+def _onset_law(sub: pd.DataFrame, det: dict) -> Exponent:
+    """gamma2 in the saturation-onset convention (a reported alternative, not the headline).
+
+    Sec. 3.1 trains "large enough to see the test error overfit or saturate". On a saturated
+    curve (no significant fall over its last evaluations, :func:`saturation`) the lowest
+    error is reached, within noise, from ``lambda_bound`` on, so that first point is where the
+    curve's optimum begins; the point where the (flat) curve happens to be lowest, or its end,
+    measures only how long training went on (the end-of-training convention). Undetermined when
+    some P of the fit is neither bracketed nor saturated (still falling: its optimum lies beyond
+    the data). Caveat: added after a LeNet-5 run in which every curve saturated; unlike the
+    censored fit's, its bias and coverage have not been studied.
+    """
+    br = sub["bracketed"].astype(bool).to_numpy()
+    sat = (sub["saturated"].to_numpy() if "saturated" in sub.columns
+           else np.full(len(sub), None, dtype=object))
+    P = sub["P"].to_numpy(float)
+    open_P = [int(p) for p, b, s_ in zip(P, br, sat) if not b and not (pd.notna(s_) and bool(s_))]
+    if open_P:
+        return Exponent.undetermined(
+            ONSET_METHOD, f"not bracketed and not saturated (still falling) at P = {open_P}",
+            n=int(P.size))
+    lam = np.where(br, sub["lambda_opt"], sub["lambda_bound"]).astype(float)
+    return _t_scaled(fit_exponent(P, lam, sign=+1, with_q=False, method=ONSET_METHOD,
+                                  detail={**det, "saturated_P": [int(p) for p in P[~br]],
+                                          "lambda_opt": [float(v) for v in lam]}))
 
 
 def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple | None = None,
@@ -2187,9 +2226,10 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
       collapse quality, every exponent as a serialized :class:`Exponent` (gamma1,
       gamma1_appendix_d, gamma2 (censored fit when some P >= p_min are not bracketed),
       gamma2_bracketed, gamma2_end_convention, gamma_opt_end_convention, gamma2_argmin,
-      gamma2_seed_argmins, gamma_opt,
-      gamma_opt_bracketed, gamma_end,
-      gamma_meas = the one Table 1 uses, gamma_pred), comparison, thresholds, warnings,
+      gamma2_seed_argmins, gamma2_onset (saturation-onset convention, :func:`_onset_law`),
+      gamma_opt, gamma_opt_bracketed, gamma_end,
+      gamma_meas = the one Table 1 uses, gamma_pred, gamma_pred_onset = gamma1 gamma2_onset),
+      comparison, thresholds, warnings,
       table1, table2.
 
     Raises:
@@ -2251,8 +2291,8 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
     s["collapse_all_P"] = collapse_quality(rescaled_curves(curves, opt_P, Ps))
     for name in ("gamma1", "gamma1_appendix_d", "gamma2", "gamma2_bracketed",
                  "gamma2_end_convention", "gamma_opt_end_convention", "gamma2_argmin",
-                 "gamma2_seed_argmins", "gamma_opt",
-                 "gamma_opt_bracketed", "gamma_end", "gamma_meas", "gamma_pred"):
+                 "gamma2_seed_argmins", "gamma2_onset", "gamma_opt",
+                 "gamma_opt_bracketed", "gamma_end", "gamma_meas", "gamma_pred", "gamma_pred_onset"):
         s[name] = core[name].to_dict()
     g1, g2, gm, gp = core["gamma1"], core["gamma2"], core["gamma_meas"], core["gamma_pred"]
     if g1.determined and g1.detail and "per_P" in g1.detail:

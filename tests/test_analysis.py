@@ -437,6 +437,26 @@ def test_censored_minima_enter_gamma2_as_bounds():
     assert abs(s["gamma2"]["value"] - 0.8) < 3 * s["gamma2"]["sigma"]
     assert s["gamma2_end_convention"]["value"] < s["gamma2"]["value"]
     assert s["gamma2_bracketed"]["n"] == len(s["optima"]) - len(cens)
+    # Those curves stop while still falling: the saturation-onset convention has no value there.
+    falling = [o["P"] for o in s["optima"] if not o["bracketed"] and not o["saturated"]]
+    assert falling and not s["gamma2_onset"]["determined"] and str(falling) in s["gamma2_onset"]["reason"]
+    assert not s["gamma_pred_onset"]["determined"]
+
+
+def test_saturation_onset_convention_uses_lambda_bound_of_saturated_curves():
+    # lambda_opt = 3 P^0.4 at the bracketed P, lambda_bound = 3 P^0.4 at the saturated ones (their
+    # lowest points and ends lie anywhere beyond): the convention fits exactly 0.4; one still-falling
+    # P makes it undetermined, naming that P.
+    P = np.array([100, 300, 1000, 3000, 10000])
+    law = 3 * P ** 0.4
+    sub = pd.DataFrame({"P": P, "bracketed": [True, True, False, False, False],
+                        "saturated": [None, False, True, True, True],
+                        "lambda_opt": np.where(P < 1000, law, 7 * law), "lambda_bound": law})
+    e = A._onset_law(sub, {})
+    assert e.determined and e.value == pytest.approx(0.4, abs=1e-9) and e.n == 5
+    assert e.detail["saturated_P"] == [1000, 3000, 10000]
+    e = A._onset_law(sub.assign(saturated=[None, False, True, False, True]), {})
+    assert not e.determined and "[3000]" in e.reason
 
 
 def test_model_averaged_sigma_carries_the_q_term_uncertainty():
