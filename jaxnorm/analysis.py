@@ -1973,7 +1973,8 @@ def _core(d: pd.DataFrame, P_used: Sequence[int], *, gamma1_window, optimum, alp
                "grid arg-min lambda vs P")
     for k in ("gamma2_bracketed", "gamma_opt_bracketed", "gamma2_end_convention",
               "gamma_opt_end_convention", "gamma2_onset"):
-        # Every minimum bracketed (or the authors' argmin): the conventions coincide with gamma2.
+        # Every minimum bracketed (or the authors' argmin): no censored point, so gamma2_bracketed and
+        # gamma2_onset are gamma2 itself; the end-of-training conventions are the grid arg-min fits.
         out.setdefault(k, out["gamma2"] if k in ("gamma2_bracketed", "gamma2_onset") else
                        out["gamma_opt"] if k.startswith("gamma_opt") else out["gamma2_argmin"])
     g1 = out["gamma1"]
