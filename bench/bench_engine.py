@@ -2,6 +2,7 @@
 
     python bench/bench_engine.py [--arch cnn|resnet|vit|all] [--quick] [--replicas 1,4,16] [--steps N]
     python bench/bench_engine.py --idle        # idle replica-steps of the schedule on the paper's P grids
+    python bench/bench_engine.py --idle-cost --arch resnet   # what an idle replica-step costs
 
 Throughput = training images per second summed over replicas, paper-size models on Fashion-MNIST
 (28x28x1), batch 64, Adam (AdamW, no weight decay, for the ViT: the paper's optimizers), float32,
@@ -130,8 +131,14 @@ def _config(arch: str, R: int, size: str = "paper", **engine_keys):
 
 
 def bench_engine(ds, arch: str, R: int, steps: int, K: int, unroll: int, conv_impl: str, axis: str,
-                 size: str = "paper") -> float:
-    """Images/s of the engine's train path for R replicas (no evaluation in the timed window)."""
+                 size: str = "paper", active_steps: int | None = None) -> float:
+    """Images/s of the engine's train path for R replicas (no evaluation in the timed window).
+
+    ``active_steps``: each slot trains only the first ``active_steps`` of the K steps of a dispatch
+    and idles for the rest, as a slot does when it stops at an evaluation step; the rate then counts
+    the dispatch's K steps per slot (busy and idle alike), so that it compares with all-active
+    dispatches as time per dispatch.
+    """
     cfg = _config(arch, R, size, replicas_per_device=R, steps_per_dispatch=K, scan_unroll=unroll,
                   conv_impl=conv_impl, replica_axis=axis)
     eng = engine.Engine(cfg, "/tmp/_bench_engine_unused", dataset=ds)
@@ -143,6 +150,9 @@ def bench_engine(ds, arch: str, R: int, steps: int, K: int, unroll: int, conv_im
     def dispatch(slots):
         n = pool.next_dispatch().steps  # no evaluation before epoch 1 (eval_at_init=False)
         idx, w, act = eng._batches(n)
+        if active_steps is not None:
+            act = act.copy()
+            act[:, active_steps:] = False
         slots = eng.p.train(slots, eng.x_train, eng.y_train, put(idx), put(w), put(act))
         pool.advance(n)
         return slots, int(n.sum())
@@ -405,6 +415,22 @@ def idle_report() -> list[dict]:
     return rows
 
 
+def idle_cost(ds, arch: str, R: int, steps: int) -> dict:
+    """Time per dispatch with every slot busy vs with each slot busy for only k of its K steps (the
+    default variant, and the same with vmap over replicas), side by side. An inactive step is a
+    ``lax.cond`` branch (``replica.make_train_step``): under lax.map it should cost ~nothing, so the
+    time ratio should approach k / K; under vmap the cond becomes a select and the ratio stays ~1."""
+    K, U, conv, axis = VARIANTS[arch][0]
+    out = {"R": R, "K": K}
+    for ax in (axis, "vmap" if axis == "map" else "map"):
+        full = bench_engine(ds, arch, R, steps, K, U, conv, ax)
+        for k in (K // 2, 1):
+            part = bench_engine(ds, arch, R, steps, K, U, conv, ax, active_steps=k)
+            out[f"{ax}: time per dispatch, {k} of {K} steps busy / all busy"] = full / part
+        print(f"  {arch} " + "  ".join(f"{k} = {v:.3f}" for k, v in out.items() if k.startswith(ax)), flush=True)
+    return out
+
+
 def bench_arch(ds, arch: str, Rs: list[int], steps: int, peak: float, synthetic: bool) -> dict:
     flops = flop_per_image(arch)
     print(f"== {arch}: {flops / 1e6:.2f} MFLOP per training image", flush=True)
@@ -435,6 +461,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="R = 1,4 and a few steps")
     ap.add_argument("--synthetic", action="store_true", help="synthetic data instead of Fashion-MNIST")
     ap.add_argument("--idle", action="store_true", help="only the idle-fraction report")
+    ap.add_argument("--idle-cost", action="store_true", help="only the cost of idle replica-steps "
+                    "(time per dispatch, part of the K steps inactive vs all active; bench/engine_idle_cost.json)")
     ap.add_argument("--out", default="bench/engine.json")
     ap.add_argument("--engine-only", type=int, metavar="R", help=argparse.SUPPRESS)  # child of engine_on_all_cores
     args = ap.parse_args(argv)
@@ -448,6 +476,13 @@ def main(argv=None) -> dict:
         Path(args.out).with_name("engine_idle.json").write_text(json.dumps(rows, indent=2))
         return {"idle": rows}
     ds = _dataset(args.synthetic)
+    if args.idle_cost:
+        R = int((args.replicas or "16").split(",")[-1])
+        rows = {a: idle_cost(ds, a, R, args.steps or STEPS[a]) for a in archs}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_name("engine_idle_cost.json").write_text(json.dumps(
+            dict(rows, measured=time.strftime("%Y-%m-%d %H:%M"), load_average=os.getloadavg()), indent=2))
+        return rows
     peak = matmul_peak()
     print(f"backend={jax.default_backend()} devices={jax.device_count()} cores={os.cpu_count()} "
           f"float32 matmul peak={peak:.1f} GFLOP/s", flush=True)

@@ -82,7 +82,39 @@ def test_inactive_steps_leave_the_state_unchanged(setup):
     batch = replica.Batch(x[:8], y[:8], np.ones(8, np.float32), np.asarray(False))
     new, m = step(state, batch)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)))
-    assert np.isfinite(m.loss) and bool(m.finite)
+    assert np.isnan(m.loss) and bool(m.finite)  # skipped: no loss computed
+
+
+def test_inactive_steps_are_not_computed_under_lax_map(setup):
+    # The engine's CPU path maps the replicas' unbatched steps (lax.map); there an inactive step's
+    # lax.cond branch must not run the forward pass at all (count the model's calls on the host).
+    model, x, y = setup
+    tx = replica.make_optimizer("adam")
+    calls = []
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def apply(self, *a, **k):
+            jax.debug.callback(lambda: calls.append(1))
+            return model.apply(*a, **k)
+
+    chunk = replica.make_train_chunk(Counted(), tx)
+    R, K, B = 3, 4, 8
+    keys = jnp.stack([jnp.asarray(replica.replica_key_data(0, 40, s)) for s in range(R)])
+    states = jax.vmap(lambda k: replica.init(model, tx, k, 1e-3))(keys)
+    idx = np.tile(np.arange(B, dtype=np.int32), (R, K, 1))
+    w = np.ones((R, K, B), np.float32)
+    active = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    run = jax.jit(lambda st, a: jax.lax.map(lambda t: chunk(t[0], x, y, t[1], t[2], t[3]), (st, idx, w, a)))
+    new, losses = run(states, active)
+    jax.block_until_ready(new)
+    assert len(calls) == int(active.sum()) == 5
+    np.testing.assert_array_equal(np.isnan(np.asarray(losses)), ~active)
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(jax.tree.map(lambda a: a[2], new.variables), jax.tree.map(lambda a: a[2], states.variables))
+    assert not same(jax.tree.map(lambda a: a[1], new.variables), jax.tree.map(lambda a: a[1], states.variables))
 
 
 def test_non_finite_update_freezes_the_replica(setup):
