@@ -52,6 +52,11 @@ def plain_optax_run(model, x, y, subset, key_data, steps, B, lr):
     return params, np.array(losses)
 
 
+def same(a, b) -> bool:
+    """Two pytrees with bitwise-equal leaves."""
+    return all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def test_train_chunks_equal_a_plain_optax_loop(setup):
     model, x, y = setup
     P, B, lr, steps = 37, 8, 1e-3, 12  # 5 steps per epoch: crosses two epoch boundaries, partial batches
@@ -81,7 +86,7 @@ def test_inactive_steps_leave_the_state_unchanged(setup):
     step = jax.jit(replica.make_train_step(model, tx))
     batch = replica.Batch(x[:8], y[:8], np.ones(8, np.float32), np.asarray(False))
     new, m = step(state, batch)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)))
+    assert same(new, state)
     assert np.isnan(m.loss) and bool(m.finite)  # skipped: no loss computed
 
 
@@ -112,9 +117,9 @@ def test_inactive_steps_are_not_computed_under_lax_map(setup):
     jax.block_until_ready(new)
     assert len(calls) == int(active.sum()) == 5
     np.testing.assert_array_equal(np.isnan(np.asarray(losses)), ~active)
-    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    assert same(jax.tree.map(lambda a: a[2], new.variables), jax.tree.map(lambda a: a[2], states.variables))
-    assert not same(jax.tree.map(lambda a: a[1], new.variables), jax.tree.map(lambda a: a[1], states.variables))
+    slot = lambda tree, r: jax.tree.map(lambda a: a[r], tree)  # noqa: E731
+    assert same(slot(new.variables, 2), slot(states.variables, 2))
+    assert not same(slot(new.variables, 1), slot(states.variables, 1))
 
 
 def test_non_finite_update_freezes_the_replica(setup):
@@ -130,7 +135,6 @@ def test_non_finite_update_freezes_the_replica(setup):
             break
         prev, (s1, m1) = s1, step(s1, batch)
     assert bool(s1.diverged) and not bool(m1.finite)
-    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert same(s1.variables, prev.variables) and same(s1.opt_state, prev.opt_state)  # the update refused
     s2, _ = step(s1, batch)  # and it stays frozen
     assert same(s2.variables, prev.variables) and bool(s2.diverged)
