@@ -37,3 +37,11 @@ def test_gpu_check_runs_tiny_on_cpu_and_writes_its_json(tmp_path):
                                                        42000, 48000]) + 2 * sum(range(4000, 48001, 4000)))
     assert est["hours"] > 0
     assert (tmp_path / "gpu_check.log").exists()
+
+
+def test_bench_ab_rejects_an_unknown_revision_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_ab.py"), "no-such-rev-0000"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "bench_ab: unknown revision 'no-such-rev-0000'; give a commit of this repository"]
