@@ -2,7 +2,8 @@
 
 Each round runs ``bench_engine.py --engine-only R`` (the default variant of the architecture, all replica-steps
 busy, no evaluation) once in a clean ``git worktree`` of REV and once here, alternating, so that load drifts
-hit both alike; it prints each round's images/s and the median ratio (this checkout / REV).
+hit both alike; it prints each round's images/s and the median ratio (this checkout / REV), and writes them to
+``bench/engine_ab.json``.
 
     python bench/bench_ab.py dcb78f3 --arch resnet --replicas 16 --rounds 3
 
@@ -12,11 +13,13 @@ every step is busy. Raises SystemExit(2) for a revision git does not know.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--replicas", type=int, default=16)
     ap.add_argument("--steps", type=int, default=24, help="timed steps per replica (a multiple of K)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench/engine_ab.json", help="where the rounds and the ratio are written")
     args = ap.parse_args(argv)
     if subprocess.run(["git", "rev-parse", "--verify", "--quiet", args.rev + "^{commit}"], cwd=ROOT,
                       capture_output=True).returncode:
@@ -59,7 +63,11 @@ def main(argv=None) -> dict:
             subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True)
     ratio = statistics.median(b / a for a, b in rows)
     print(f"{args.arch} R={args.replicas}: this checkout / {args.rev} = {ratio:.3f} (median of {args.rounds})")
-    return dict(rev=args.rev, arch=args.arch, R=args.replicas, rounds=rows, ratio=ratio)
+    out = dict(rev=args.rev, arch=args.arch, R=args.replicas, steps=args.steps, ratio=ratio,
+               rounds=[dict(rev_images_per_s=a, this_images_per_s=b) for a, b in rows],
+               measured=time.strftime("%Y-%m-%d %H:%M"), load_average=os.getloadavg())
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
