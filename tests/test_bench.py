@@ -45,3 +45,11 @@ def test_bench_ab_rejects_an_unknown_revision_in_one_line():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "bench_ab: unknown revision 'no-such-rev-0000'; give a commit of this repository"]
+
+
+def test_bench_ab_without_a_revision_or_flags_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_ab.py"), "--arch", "cnn"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "bench_ab: nothing to compare; give a commit REV, --xla-flags FLAGS, or both"]
