@@ -735,7 +735,7 @@ def _depth_window(v: np.ndarray, i: int, depth: float, min_side: int) -> tuple[i
     return max(min(a, i - min_side), 0), min(max(b, i + min_side), v.size - 1)
 
 
-def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> dict:
+def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex", epoch=None) -> dict:
     """Minimum (lambda_opt, eps_opt) of one learning curve eps(lambda), with its uncertainty.
 
     ``method="argmin"``: the evaluation point of lowest error (the authors' choice; quantized to
@@ -753,11 +753,16 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> d
     points after it lie on average more than max(3 noise, 0.01) above it, and (vertex) the
     parabola is convex at 2 sigma with its vertex inside the window. An unbracketed minimum is
     a lower bound of lambda_opt (training stopped while eps was falling or flat): callers must
-    not use it as a minimum.
+    not use it as a minimum. With ``epoch``, the points that bracket it must also come *later in
+    training*: Eq. 4 reads eps(lambda) as a curve traced by a growing norm, and where lambda(t)
+    turns back (R_A of a BatchNorm ResNet shrinks after interpolation) the points beyond the
+    minimum in lambda can be earlier ones, so a fold of the curve would pass for overfitting
+    (``folds`` True; not bracketed).
 
     Args:
       lam, eps: one curve, shape [T] (sorted by lambda here).
       method: "vertex" or "argmin".
+      epoch: [T] evaluation epochs of the points (optional; enables the time-order check).
 
     Returns:
       dict lambda_opt, eps_opt, sigma_ln_lambda_opt, sigma_ln_eps_opt, bracketed, method (the
@@ -779,6 +784,11 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> d
     h = float(np.mean(np.diff(u[lo_:hi_ + 1]))) if hi_ > lo_ else float("nan")
     tail = v[i + 1:][-3:]
     rises = bool(i < T - 1 and tail.size and tail.mean() - v[i] > max(3.0 * noise, 0.01))
+    folds = False
+    if epoch is not None and rises:
+        t = np.asarray(epoch, float)[o]
+        folds = bool(np.any(t[i + 1:][-3:] <= t[i]))
+        rises = not folds
     # A conservative lower bound of lambda_opt when the minimum is not bracketed: the first
     # point whose error is within the bracketing tolerance of the lowest one (on a flat end the
     # lowest point may lie past the true minimum; a point that is still significantly higher
@@ -790,8 +800,8 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex") -> d
            "sigma_ln_lambda_opt": h / math.sqrt(12.0) if np.isfinite(h) else None,
            "sigma_ln_eps_opt": noise, "bracketed": bool(rises and i > 0), "method": "argmin",
            "index": i, "lambda_argmin": float(np.exp(u[i])), "eps_argmin": float(np.exp(v[i])),
-           "grid_step": h, "noise": noise, "n_window": 1}
-    if method == "argmin" or not (0 < i < T - 1):
+           "grid_step": h, "noise": noise, "n_window": 1, "folds": folds}
+    if method == "argmin" or not (0 < i < T - 1) or folds:
         return out
     depth = max(3.0 * noise, 0.03)
     for _ in range(5):  # widen (x2) until the curvature is significant: flat-bottomed minima
@@ -833,7 +843,8 @@ def optima(df: pd.DataFrame, method: str = "vertex", log: list | None = None) ->
     rows = []
     for (P, seed), g in df.groupby(["P", "seed"], sort=True):
         g = g.sort_values("spectral_complexity", kind="stable")
-        o = curve_optimum(g["spectral_complexity"].to_numpy(), g["test_error"].to_numpy(), method)
+        o = curve_optimum(g["spectral_complexity"].to_numpy(), g["test_error"].to_numpy(), method,
+                          epoch=g["epoch"].to_numpy(float))
         last = g.sort_values("epoch").iloc[-1]
         rows.append(dict(P=int(P), seed=int(seed), lambda_opt=o["lambda_opt"],
                          eps_opt=o["eps_opt"], bracketed=o["bracketed"],
@@ -887,14 +898,15 @@ def optimum_per_P(curves: dict, method: str = "vertex", seed_opt: pd.DataFrame |
     rows = []
     sd = seed_opt.set_index(["P", "seed"]) if seed_opt is not None and len(seed_opt) else None
     for P, c in curves.items():
-        o = curve_optimum(c["lam"].to_numpy(), c["eps"].to_numpy(), method)
+        o = curve_optimum(c["lam"].to_numpy(), c["eps"].to_numpy(), method,
+                          epoch=c["epoch"].to_numpy(float) if "epoch" in c.columns else None)
         last = c.sort_values("epoch").iloc[-1]
         r = {"P": int(P), "lambda_opt": o["lambda_opt"],
              "sigma_ln_lambda_opt": o["sigma_ln_lambda_opt"], "eps_opt": o["eps_opt"],
              "sigma_ln_eps_opt": o["sigma_ln_eps_opt"], "bracketed": o["bracketed"],
              "opt_method": o["method"], "lambda_argmin": o["lambda_argmin"],
              "eps_argmin": o["eps_argmin"], "lambda_bound": o["lambda_bound"],
-             "grid_step": o["grid_step"], "noise": o["noise"],
+             "grid_step": o["grid_step"], "noise": o["noise"], "folds": o["folds"],
              "eps_end": float(last["eps"]), "lambda_end": float(last["lam"])}
         if "epoch" in c.columns:
             sat = saturation(c["epoch"].to_numpy(), c["eps"].to_numpy(),
@@ -1776,14 +1788,24 @@ def fit_censored_power_law(x, y, censored, *, bound: int, sigma_meas=None, metho
             e_i, e_j = np.eye(3)[i] * h, np.eye(3)[j] * h
             H[i, j] = (nll(ph + e_i + e_j) - nll(ph + e_i - e_j) - nll(ph - e_i + e_j)
                        + nll(ph - e_i - e_j)) / (4 * h * h)
-    try:
-        cov = np.linalg.inv(H)
-        s_info = float(math.sqrt(cov[1, 1])) if cov[1, 1] > 0 else None
-    except np.linalg.LinAlgError:
-        cov, s_info = np.full((3, 3), np.nan), None
+    def _inv(A):
+        try:
+            C = np.linalg.inv(A)
+        except np.linalg.LinAlgError:
+            return None
+        return C if np.all(np.isfinite(C)) and np.all(np.diag(C) > 0) else None
+
+    cov = _inv(H)
+    if cov is None:
+        # The scatter at its lower boundary (s << the points' own errors m_i, e.g. a line through
+        # two observed points with the bounds slack): nll is flat in ln s, so H is singular there.
+        # s is then not a free parameter; the (ln k, a) block with s held at its estimate is the
+        # information of the law itself.
+        cov = _inv(H[:2, :2])
+    s_info = float(math.sqrt(cov[1, 1])) if cov is not None else None
     s_hat = math.exp(ph[2])
     ratio = (sig / t) / s_info if s_info else 1.0
-    cov2 = (cov[:2, :2] * ratio ** 2).tolist() if np.all(np.isfinite(cov[:2, :2])) else None
+    cov2 = (cov[:2, :2] * ratio ** 2).tolist() if cov is not None else None
     viol = [int(i) for i in np.flatnonzero(cens & (bound * (ph[0] + ph[1] * lx - ly) < 0))]
     detail.update(sigma_information=s_info, sigma_profile=0.5 * (ends[0] + ends[1]),
                   profile_ends=[float(ph[1] - ends[0]), float(ph[1] + ends[1])], t_factor=t,
@@ -2275,8 +2297,11 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
         state = {P: (None if sat is None or pd.isna(sat.loc[P]) else bool(sat.loc[P])) for P in nb}
         falling = [P for P in nb if state[P] is False]
         flat = [P for P in nb if state[P] is True]
+        folds = [int(p) for p in opt_P.loc[~opt_P["bracketed"] & opt_P.get("folds", False), "P"]]
         _note(log, f"minimum not bracketed at P = {nb}: the seed-mean test error does not rise "
                    "significantly after its lowest point"
+                   + (f"; at P = {folds} it rises beyond it in lambda only at earlier evaluations (lambda "
+                      "shrinks later in training, so eps(lambda) folds back: optima.folds)" if folds else "")
                    + (f"; saturated (no significant fall over the last {SATURATION_TAIL:.0%} of the "
                       f"evaluations, optima.saturated) at P = {flat}" if flat else "")
                    + (f"; still falling when training ended at P = {falling}: train longer" if falling else "")
@@ -2377,6 +2402,8 @@ class Prediction(NamedTuple):
 def _predict_law(e: dict, P: float, sign: int) -> tuple[float, float, float]:
     if not e or not e.get("determined", True) or e.get("value") is None:
         raise ValueError(f"law not determined: {e.get('reason') if e else 'missing'}")
+    if e.get("cov") is None:
+        raise ValueError(f"the law's fit has no covariance ({e.get('method')}), so no error can be propagated")
     k, a, q = e["k"], sign * e["value"], e.get("q") or 0.0
     cov = np.asarray(e["cov"], float)
     lp = math.log(P)

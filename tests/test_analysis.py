@@ -93,6 +93,26 @@ def test_curve_optimum_flags_unbracketed_minimum():
     assert not o["bracketed"] and o["lambda_opt"] == pytest.approx(100.0)
 
 
+def test_curve_optimum_does_not_take_a_fold_of_lambda_for_overfitting():
+    # The ResNet-20 case at 120 epochs: lambda grows to 1e4 and then shrinks back to 2e3 while the
+    # test error keeps falling in time. Sorted by lambda, the late, low-error points sit below
+    # earlier, higher-error ones, which looks like a bracketed minimum; in training time eps never
+    # rises. With the epochs the minimum is not bracketed (folds); the same curve traced with a
+    # growing lambda that then overfits stays bracketed.
+    t = np.arange(1.0, 61.0)
+    lam = np.where(t <= 40, 10.0 * 1e3 ** ((t - 1) / 39), 1e4 * (t / 40.0) ** -4.0)
+    eps = 0.9 * t ** -0.5
+    assert A.curve_optimum(lam, eps)["bracketed"]  # without the epochs: the fold passes for a minimum
+    o = A.curve_optimum(lam, eps, epoch=t)
+    assert o["folds"] and not o["bracketed"]
+    assert o["eps_opt"] == pytest.approx(eps[-1]) and o["lambda_opt"] == pytest.approx(lam[-1])
+    lam_up = np.geomspace(1, 1e4, 80)
+    u = np.log(lam_up)
+    eps_up = np.exp(0.3 * (u - np.log(123.0)) ** 2 + np.log(0.05))
+    o = A.curve_optimum(lam_up, eps_up, epoch=np.arange(80.0))
+    assert o["bracketed"] and not o["folds"] and o["lambda_opt"] == pytest.approx(123.0, rel=1e-8)
+
+
 def test_detect_elbow_on_broken_power_law():
     # Pure power law up to lambda_b = 1e3, then a parabola in log-log (the late phase).
     lam = np.geomspace(1, 1e5, 200)
@@ -423,6 +443,31 @@ def test_censored_fit_without_censoring_is_least_squares():
     # Every point a bound: the likelihood cannot bound the exponent -> not determined.
     u = A.fit_censored_power_law(x, y, np.ones(7, bool), bound=+1, sign=+1, method="t")
     assert not u.determined and "censored" in u.reason
+
+
+def test_censored_fit_through_two_observed_points_keeps_a_covariance():
+    # Two observed minima and two slack lower bounds (the ResNet-20 holdout fit at 120 epochs): the
+    # line passes through the observed points, the scatter goes to its boundary 0 and the 3x3
+    # information is singular. The law's covariance must still exist (it is the 2x2 block), with
+    # var(a) the closed form of a line through two points of errors m1, m3: (m1^2 + m3^2) / ln(x3/x1)^2,
+    # and a prediction from it must work (it crashed `analyze` with an IndexError before).
+    x, y = np.array([64, 125, 250, 500.0]), np.array([1.2e10, 0.8e10, 1.25e10, 0.5e10])
+    cens, m = np.array([False, True, False, True]), np.array([0.08, 0.1, 0.09, 0.1])
+    e = A.fit_censored_power_law(x, y, cens, bound=+1, sigma_meas=m, sign=+1, method="t")
+    assert e.determined and e.resid_sd < 1e-6
+    assert e.value == pytest.approx(math.log(1.25 / 1.2) / math.log(250 / 64), abs=1e-5)
+    sd_a = math.hypot(0.08, 0.09) / math.log(250 / 64)
+    assert math.sqrt(e.cov[1][1]) == pytest.approx(sd_a, rel=1e-3)
+    assert e.detail["sigma_profile"] == pytest.approx(sd_a, rel=1e-3)
+    law = e.to_dict()
+    lam, s_ln, _ = A._predict_law(law, 2000.0, +1)
+    assert lam == pytest.approx(e.k * 2000.0 ** e.value, rel=1e-9)
+    g = np.array([1.0, math.log(2000.0)])  # d ln lambda / d (ln k, a)
+    t = stats.t.ppf(0.975, 2) / stats.norm.ppf(0.975)
+    assert s_ln == pytest.approx(t * math.sqrt(g @ np.array(e.cov) @ g), rel=1e-9)
+    # A law without a covariance is refused in one line, not with an IndexError.
+    with pytest.raises(ValueError, match="no covariance"):
+        A._predict_law({**law, "cov": None}, 2000.0, +1)
 
 
 def test_censored_minima_enter_gamma2_as_bounds():
