@@ -757,7 +757,8 @@ def curve_optimum(lam: np.ndarray, eps: np.ndarray, method: str = "vertex", epoc
     training*: Eq. 4 reads eps(lambda) as a curve traced by a growing norm, and where lambda(t)
     turns back (R_A of a BatchNorm ResNet shrinks after interpolation) the points beyond the
     minimum in lambda can be earlier ones, so a fold of the curve would pass for overfitting
-    (``folds`` True; not bracketed).
+    (``folds`` True; not bracketed). A curve that overfits in time while lambda shrinks is left
+    unbracketed too (conservative: a folded eps(lambda) has no minimum in lambda for Eq. 4).
 
     Args:
       lam, eps: one curve, shape [T] (sorted by lambda here).
