@@ -2298,7 +2298,7 @@ def analyze(df: pd.DataFrame, *, p_min: int | None = None, gamma1_window: tuple 
         state = {P: (None if sat is None or pd.isna(sat.loc[P]) else bool(sat.loc[P])) for P in nb}
         falling = [P for P in nb if state[P] is False]
         flat = [P for P in nb if state[P] is True]
-        folds = [int(p) for p in opt_P.loc[~opt_P["bracketed"] & opt_P.get("folds", False), "P"]]
+        folds = [int(p) for p in opt_P.loc[~opt_P["bracketed"] & opt_P["folds"], "P"]]
         _note(log, f"minimum not bracketed at P = {nb}: the seed-mean test error does not rise "
                    "significantly after its lowest point"
                    + (f"; at P = {folds} it rises beyond it in lambda only at earlier evaluations (lambda "
