@@ -11,7 +11,9 @@ names the bad value or file and the allowed ones:
 
 Both are printed as ``error: <message>`` on stderr, exit code 2, no traceback (set
 ``JAXNORM_TRACEBACK=1`` to get one). ``KeyboardInterrupt`` prints the interrupted message and exits
-130 (128 + SIGINT, the shell's convention). Anything else is a bug and keeps its traceback.
+130 (128 + SIGINT, the shell's convention), as does any exception that follows a Ctrl-C (an interrupt
+raised inside a library can surface as another exception). Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def _reliable_sigint(redeliver_s: float = 0.5):
     """Ctrl-C that cannot be lost. A KeyboardInterrupt raised while Python runs a gc callback or a
     finalizer (JAX registers ``_xla_gc_callback``) is printed as "Exception ignored" and dropped, and
     the run went on to exit 0. Here SIGINT raises KeyboardInterrupt and is re-delivered every
-    ``redeliver_s`` seconds until the main code has seen it (call the yielded function then); a
-    dropped one is not printed. Off the main thread (no signal handlers there) it does nothing."""
+    ``redeliver_s`` seconds until the main code has seen it (call the yielded ``seen`` then); a
+    dropped one is not printed. Yields ``(seen, received)``: ``received()`` is True once a SIGINT
+    has arrived. Off the main thread (no signal handlers there) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
+        yield (lambda: None), (lambda: False)
         return
-    state = {"seen": False}
+    state = {"seen": False, "received": False}
 
     def redeliver():
         if not state["seen"]:
@@ -59,6 +62,7 @@ def _reliable_sigint(redeliver_s: float = 0.5):
     def on_sigint(signum, frame):
         if state["seen"]:
             return
+        state["received"] = True
         t = threading.Timer(redeliver_s, redeliver)
         t.daemon = True
         t.start()
@@ -71,7 +75,7 @@ def _reliable_sigint(redeliver_s: float = 0.5):
     previous, previous_hook = signal.signal(signal.SIGINT, on_sigint), sys.unraisablehook
     sys.unraisablehook = unraisable
     try:
-        yield lambda: state.update(seen=True)
+        yield (lambda: state.update(seen=True)), (lambda: state["received"])
     finally:
         state["seen"] = True
         signal.signal(signal.SIGINT, previous)
@@ -86,15 +90,24 @@ def guard(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str
       ``main``'s return value (None -> 0); 2 after a ``ValueError``/``OSError``; 130 after Ctrl-C.
       ``SystemExit`` (argparse's own usage errors, exit 2) passes through.
     """
-    with _reliable_sigint() as seen:
+    with _reliable_sigint() as (seen, received):
         try:
             code = main(argv)
         except KeyboardInterrupt:
             seen()
             print(interrupted, file=sys.stderr)
             return EXIT_INTERRUPTED
-        except (ValueError, OSError) as err:
+        except Exception as err:
             if os.environ.get(TRACEBACK_ENV):
+                raise
+            if received():
+                # A KeyboardInterrupt raised inside a library's bookkeeping can come out as another
+                # exception (Flax's trace-state check turns one raised during model.init into an
+                # AssertionError): after a Ctrl-C, any exception is the interruption.
+                seen()
+                print(interrupted, file=sys.stderr)
+                return EXIT_INTERRUPTED
+            if not isinstance(err, (ValueError, OSError)):
                 raise
             print(f"error: {message(err)}", file=sys.stderr)
             return EXIT_USER_ERROR

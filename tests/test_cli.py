@@ -334,3 +334,26 @@ def test_analyze_writes_norm_collapse_and_the_runs_engine_summary(tmp_path, caps
     assert np.isfinite(ranks["spectral_complexity"]["spread_mean"])
     (md,) = out.glob("norm_collapse_*.md")
     assert "zoo/by_P" in md.read_text()
+
+
+def test_an_exception_that_follows_ctrl_c_is_the_interruption(capsys):
+    # Flax's trace-state check turned a KeyboardInterrupt raised during model.init into an
+    # AssertionError, so a Ctrl-C at that moment printed a traceback and exited 1 (seen once in
+    # test_ctrl_c_says_how_to_resume_and_exits_130). After a SIGINT any exception means "interrupted";
+    # without one, a bug keeps its traceback.
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            raise AssertionError  # what the library let out instead
+        return 0
+
+    assert cli.guard(main, []) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED
+
+    def bug(argv):
+        raise AssertionError("a real bug")
+
+    with pytest.raises(AssertionError, match="a real bug"):
+        cli.guard(bug, [])
