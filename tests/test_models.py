@@ -201,6 +201,8 @@ CONV_CASES = [  # (spatial, kernel, stride, padding)
     (9, 5, 1, "SAME"),
     (9, 5, 1, "VALID"),
     (8, 3, 2, ((1, 1), (1, 1))),
+    (8, 3, 2, "VALID"),  # the last row and column are never read
+    (11, 5, 3, ((2, 1), (0, 2))),
     (8, 4, 4, "VALID"),  # non-overlapping: the reshape path
     (7, 3, 1, ((2, 0), (1, 3))),
 ]
@@ -212,8 +214,9 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("hw,ks,s,pad", CONV_CASES)
-def test_conv_impls_agree_with_xla_in_value_and_gradient(hw, ks, s, pad):
-    r, b, cin, cout = 3, 2, 3, 4
+@pytest.mark.parametrize("cin,cout", [(3, 4), (5, 18)])  # "canonical" pads C_out <= 16 to 17
+def test_conv_impls_agree_with_xla_in_value_and_gradient(hw, ks, s, pad, cin, cout):
+    r, b = 3, 2
     kx, kk, kg = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (r, b, hw, hw, cin))
     w = jax.random.normal(kk, (r, ks, ks, cin, cout))
@@ -245,18 +248,29 @@ def test_canonical_conv_gradients_stay_in_xla_cpus_fast_form_inside_a_loop(s, pa
     # convolutions into the NHWC x HWIO -> NHWC form that it hands to Eigen (17-25x slower).
     # Every convolution in the optimized HLO of a scanned "canonical" train step must have that
     # form; the plain lax conv is the control (its kernel gradient keeps f01b_i01o->01bf).
-    def labels(impl):
+    def convs(impl):
         loss = lambda xw: jnp.sum(M.conv2d(*xw, (s, s), pad, impl) ** 2)  # noqa: E731
         body = lambda xw, _: (jax.tree.map(lambda a, g: a - 1e-3 * g, xw, jax.grad(loss)(xw)), None)  # noqa: E731
         xw = (jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5)))
         hlo = jax.jit(lambda xw: jax.lax.scan(body, xw, None, length=3)[0]).lower(xw).compile().as_text()
-        return [line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines()
-                if " convolution(" in line]
+        return [line for line in hlo.splitlines() if " convolution(" in line]
 
-    canonical = labels("canonical")
-    assert len(canonical) == 3 and set(canonical) == {"b01f_01io->b01f"}, canonical
+    canonical = convs("canonical")
+    labels = [line.split("dim_labels=")[1].split(",")[0] for line in canonical]
+    assert len(canonical) == 3 and set(labels) == {"b01f_01io->b01f"}, labels
+    # A stride is kept as a dilation of the gradient convs, not as a zero-interleaved cotangent
+    # (s^2 times the work): the input gradient is lhs-dilated, the kernel gradient rhs-dilated.
+    windows = [line.split("window={")[1].split("}")[0] for line in canonical]
+    assert sum(f"lhs_dilate={s}x{s}" in w for w in windows) == (s > 1), windows
+    assert sum(f"rhs_dilate={s}x{s}" in w for w in windows) == (s > 1), windows
+    # <= 16 channels: the output gets a zero channel, so XLA:CPU hands the conv to YNNPACK.
+    for line, w in zip(canonical, windows):
+        if "lhs_dilate" not in w:
+            out_features = int(line.split(" = f32[")[1].split("]")[0].split(",")[-1])
+            assert out_features == M.YNN_MIN_FEATURES, line
     if jax.default_backend() == "cpu":
-        assert set(labels("xla")) != {"b01f_01io->b01f"}
+        labels_xla = [line.split("dim_labels=")[1].split(",")[0] for line in convs("xla")]
+        assert set(labels_xla) != {"b01f_01io->b01f"}
 
 
 def test_max_pool_impls_agree():
