@@ -198,8 +198,10 @@ def derive(arch: str, res: dict, peak: float, flops: float) -> dict:
     runs on this machine: the default variant on JAX's one CPU device."""
     default = res[_label(*VARIANTS[arch][0])]
     best = max(v for k, v in res.items() if k.startswith("engine[") and v is not None)
-    for name, v in (("engine default", default), ("engine best", best)):
-        res[f"{name} / (b)"] = v / res["(b) vmap-jit"]
+    multi = {k: v for k, v in res.items() if k.startswith(_label(*VARIANTS[arch][0]) + " x") and v is not None}
+    for name, v in (("engine default", default), ("engine best", best), *multi.items()):
+        if res.get("(b) vmap-jit"):
+            res[f"{name} / (b)"] = v / res["(b) vmap-jit"]
         res[f"{name} / (c)"] = v / res["(c) torch"] if res["(c) torch"] else None
     res["engine default GFLOP/s"] = default * flops / 1e9
     res["engine default % of peak"] = 100 * default * flops / 1e9 / peak
@@ -435,19 +437,23 @@ def idle_cost(ds, arch: str, R: int, steps: int) -> dict:
     return out
 
 
-def bench_arch(ds, arch: str, Rs: list[int], steps: int, peak: float, synthetic: bool) -> dict:
+def bench_arch(ds, arch: str, Rs: list[int], steps: int, peak: float, synthetic: bool,
+               defaults_only: bool = False) -> dict:
+    """One row per R: the engine's formulations (only its default with ``defaults_only``), the default
+    on all cores, and the baselines (only the PyTorch twin with ``defaults_only``)."""
     flops = flop_per_image(arch)
     print(f"== {arch}: {flops / 1e6:.2f} MFLOP per training image", flush=True)
     rows = []
     for R in Rs:
         res = {"R": R}
-        for K, U, conv, axis in VARIANTS[arch]:
+        for K, U, conv, axis in VARIANTS[arch][:1] if defaults_only else VARIANTS[arch]:
             res[_label(K, U, conv, axis)] = bench_engine(ds, arch, R, steps, K, U, conv, axis)
         n_dev, multi = engine_on_all_cores(arch, R, steps, synthetic)
         if n_dev > 1:
             res[_label(*VARIANTS[arch][0]) + f" x{n_dev} dev"] = multi
-        res["(a) loop-jit"] = bench_loop_jit(ds, arch, R, steps)
-        res["(b) vmap-jit"] = bench_vmap_jit(ds, arch, R, steps)
+        if not defaults_only:
+            res["(a) loop-jit"] = bench_loop_jit(ds, arch, R, steps)
+            res["(b) vmap-jit"] = bench_vmap_jit(ds, arch, R, steps)
         res["(c) torch"] = bench_torch(ds, arch, R, steps)
         derive(arch, res, peak, flops)
         rows.append(res)
@@ -467,6 +473,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--idle", action="store_true", help="only the idle-fraction report")
     ap.add_argument("--idle-cost", action="store_true", help="only the cost of idle replica-steps "
                     "(time per dispatch, part of the K steps inactive vs all active; bench/engine_idle_cost.json)")
+    ap.add_argument("--defaults-only", action="store_true", help="only the engine's default formulation (one "
+                    "device and all cores) and the PyTorch twin: minutes instead of the hour that ResNet-20's "
+                    "vmapped variants take on a 2-core CPU")
     ap.add_argument("--out", default="bench/engine.json")
     ap.add_argument("--engine-only", type=int, metavar="R", help=argparse.SUPPRESS)  # child of engine_on_all_cores
     args = ap.parse_args(argv)
@@ -496,10 +505,10 @@ def main(argv=None) -> dict:
     for arch in archs:
         Rs = [1, 4] if args.quick else [int(r) for r in (args.replicas or REPLICAS[arch]).split(",")]
         steps = max(4, STEPS[arch] // 8) if args.quick else (args.steps or STEPS[arch])
-        out["archs"][arch] = bench_arch(ds, arch, Rs, steps, peak, args.synthetic)
+        out["archs"][arch] = bench_arch(ds, arch, Rs, steps, peak, args.synthetic, args.defaults_only)
         out["archs"][arch].update(matmul_peak_gflops=peak, load_average=os.getloadavg(), batch=B,
                                   backend=jax.default_backend(), devices=jax.device_count(), cores=os.cpu_count(),
-                                  measured=time.strftime("%Y-%m-%d %H:%M"))
+                                  defaults_only=args.defaults_only, measured=time.strftime("%Y-%m-%d %H:%M"))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=2))
     return out
