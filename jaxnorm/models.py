@@ -72,7 +72,9 @@ Convolution implementations (``conv_impl``), same parameters and paths for all:
              in XLA:CPU's fast form (NHWC x HWIO -> NHWC, explicit transposes):
              inside a rolled loop (the engine's scan over steps, lax.map over
              replicas) XLA:CPU leaves JAX's gradient convs in their raw form and runs
-             them 17-25x slower (``canonical_conv``).
+             them 17-25x slower (``canonical_conv``). A stride stays a dilation of the
+             gradient convs (no zero-interleaved cotangent), and a conv with <= 16
+             channels gets a zero output channel so XLA:CPU runs it in YNNPACK.
   "patches"  shifted strided slices of the padded input concatenated along
              channels (kh*kw*C, in two concatenates of kw and kh slices), then one
              matmul with the kernel reshaped to (kh*kw*C, C_out); 2x2 max pooling by
