@@ -3,6 +3,7 @@
     python bench/bench_engine.py [--arch cnn|resnet|vit|all] [--quick] [--replicas 1,4,16] [--steps N]
     python bench/bench_engine.py --idle        # idle replica-steps of the schedule on the paper's P grids
     python bench/bench_engine.py --idle-cost --arch resnet   # what an idle replica-step costs
+    python bench/bench_engine.py --arch resnet --replicas 16 --defaults-only --out bench/engine_defaults.json
 
 Throughput = training images per second summed over replicas, paper-size models on Fashion-MNIST
 (28x28x1), batch 64, Adam (AdamW, no weight decay, for the ViT: the paper's optimizers), float32,
